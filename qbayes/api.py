@@ -1,0 +1,163 @@
+"""One-call entry point: ``quantize_(model, spec, method, calib)``, in the spirit of torchao."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .algorithms import get_solver
+from .calibrate import quantize_blocks
+from .errors import CalibrationError, QBayesError
+from .models import adapter_for
+from .nn import DEFAULT_EXCLUDE, QuantLinear, check_selection, find_linears, name_filter, set_module
+from .spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def quantize_(
+    model: nn.Module,
+    spec: QuantSpec | Mapping[str, QuantSpec] | Callable[[str], QuantSpec] = QuantSpec(),
+    method: str = "gptq",
+    calib: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = DEFAULT_EXCLUDE,
+    float_dtype: str = "float16",
+    batch_size: int = 8,
+    progress: bool = True,
+    **options,
+) -> nn.Module:
+    """Quantize the linear layers of ``model`` in place and return it.
+
+    Args:
+        model: a Hugging Face causal LM (Llama family or OPT) in float.
+        spec: one :class:`QuantSpec` for every layer, a ``{name: spec}`` mapping, or a function
+            of the layer name.
+        method: a solver from :data:`qbayes.algorithms.SOLVERS` (``"rtn"``, ``"gptq"``).
+        calib: token ids ``(n_samples, seqlen)`` (or an iterable of 1-D/2-D id tensors), needed
+            by solvers that use the layer statistic ``H``.
+        include, exclude: glob patterns over qualified module names; by default every
+            ``nn.Linear`` inside the decoder blocks except embeddings and ``lm_head``.
+        float_dtype: precision kept by the parameters left in float (they are rounded to it
+            here, so the saved checkpoint reloads bit-identically).
+        batch_size: calibration sequences per forward pass.
+        **options: solver options (GPTQ: ``act_order``, ``damp``, ``block_size``).
+
+    The model gains a ``qbayes_config`` dict describing what was done (read by
+    :func:`qbayes.io.save_quantized`).
+    """
+    solver = get_solver(method)
+    unknown = set(options) - set(solver.options)
+    if unknown:
+        raise QBayesError(f"method {method!r} takes no option(s) {sorted(unknown)}; it takes {list(solver.options)}")
+    if float_dtype not in FLOAT_DTYPES:
+        raise QBayesError(f"float_dtype must be one of {tuple(FLOAT_DTYPES)}, not {float_dtype!r}")
+    spec_for = _spec_function(spec)
+    adapter = adapter_for(model)
+    selected = select_layers(model, spec_for, include, exclude)
+
+    batches = _calibration_batches(calib, batch_size, _device_of(model)) if solver.needs_hessian else None
+
+    t0 = time.perf_counter()
+    _round_float_params(model, set(selected), FLOAT_DTYPES[float_dtype])
+    if batches is not None:
+        report = quantize_blocks(model, adapter.blocks(), adapter.blocks_path, batches, selected,
+                                 spec_for, solver, options, progress=progress)
+    else:
+        report = {}
+        for name, lin in tqdm(selected.items(), desc=f"{method.upper()} layers", disable=not progress):
+            s = spec_for(name)
+            qw = solver.fn(lin.weight.detach(), None, s, **options)
+            set_module(model, name, QuantLinear.from_quantized(qw, s, lin.bias))
+            report[name] = {"bits": s.bits}
+    elapsed = time.perf_counter() - t0
+    model.qbayes_config = {
+        "method": method,
+        "options": options,
+        "float_dtype": float_dtype,
+        "quantize_seconds": elapsed,
+        "layers": {n: {**spec_for(n).to_dict(), **report.get(n, {})} for n in selected},
+    }
+    log.info("quantized %d layers with %s in %.1f s", len(selected), method, elapsed)
+    return model
+
+
+def select_layers(model: nn.Module, spec, include: Iterable[str] | None = None,
+                  exclude: Iterable[str] | None = DEFAULT_EXCLUDE) -> dict[str, nn.Linear]:
+    """The linears ``quantize_`` would quantize, after checking that each one can be: raises a
+    clear error for a layer that is not a linear, a group size that does not divide, or
+    non-finite weights, before anything is changed."""
+    spec_for = _spec_function(spec)
+    adapter = adapter_for(model)
+    if include:
+        check_selection(model, include)
+    keep = name_filter(include, exclude)
+    prefix = adapter.blocks_path + "."
+    selected = {n: m for n, m in find_linears(model, keep).items() if n.startswith(prefix)}
+    if not selected:
+        raise QBayesError("no nn.Linear layers inside the decoder blocks match the include/exclude filters")
+    for name, lin in selected.items():
+        spec_for(name).check_layer(lin.in_features, name)
+        if not torch.isfinite(lin.weight).all():
+            raise QBayesError(f"{name}.weight holds NaN/Inf values: refusing to quantize a broken model")
+    return selected
+
+
+def _spec_function(spec) -> Callable[[str], QuantSpec]:
+    if isinstance(spec, QuantSpec):
+        return lambda name: spec
+    if isinstance(spec, Mapping):
+        def from_map(name: str) -> QuantSpec:
+            if name not in spec:
+                raise QBayesError(f"no QuantSpec given for layer {name}")
+            return spec[name]
+        return from_map
+    if callable(spec):
+        return spec
+    raise QBayesError(f"spec must be a QuantSpec, a mapping or a function, not {type(spec).__name__}")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _calibration_batches(calib, batch_size: int, device: torch.device) -> list[torch.Tensor]:
+    if calib is None:
+        raise CalibrationError("this method needs calibration data: pass calib=token ids of shape (n, seqlen)")
+    if isinstance(calib, torch.Tensor):
+        seqs = [calib] if calib.dim() == 1 else list(calib)
+    else:
+        seqs = [s for c in calib for s in ([c] if c.dim() == 1 else list(c))]
+    seqs = [s for s in seqs if s.numel() > 0]
+    if not seqs:
+        raise CalibrationError("the calibration set is empty: pass at least one non-empty sequence of token ids")
+    if any(s.dtype not in (torch.int64, torch.int32) for s in seqs):
+        raise CalibrationError("calibration data must be integer token ids")
+    lengths = {s.numel() for s in seqs}
+    if len(lengths) != 1:
+        raise CalibrationError(f"calibration sequences must share one length, got {sorted(lengths)}")
+    stacked = torch.stack(seqs).to(device=device, dtype=torch.long)
+    return list(stacked.split(max(1, batch_size)))
+
+
+def _round_float_params(model: nn.Module, quantized: set[str], dtype: torch.dtype) -> None:
+    """Round every float parameter/buffer that stays in float to ``dtype`` precision, in place."""
+    if dtype == torch.float32:
+        return
+    finfo = torch.finfo(dtype)
+    skip = {n + ".weight" for n in quantized}
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():  # what a checkpoint stores
+            if name in skip or not t.is_floating_point() or t.dtype == dtype:
+                continue
+            if t.numel() and t.abs().max() > finfo.max:
+                log.warning("%s exceeds the range of %s; it stays in %s", name, dtype, t.dtype)
+                continue
+            t.copy_(t.to(dtype).to(t.dtype))

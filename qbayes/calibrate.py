@@ -1,0 +1,201 @@
+"""Sequential layer-wise calibration over the decoder blocks of a model.
+
+1. The first block's inputs are captured once, for all calibration batches.
+2. Within a block the linears are visited in forward order, grouped into *stages* of linears
+   that read the same input tensor (q/k/v, then o, then gate/up, then down in a Llama block).
+   For each stage ``H`` is accumulated from the inputs produced by the already-quantized
+   linears before it, the stage is solved, and its linears compute with their quantized
+   weights from then on ("true sequential").
+3. The quantized block's outputs become the next block's inputs. Only one block's activations
+   are alive at a time.
+
+Every calibration batch runs its block forward as a coroutine (a greenlet) that pauses at the
+first linear of each stage. When all batches are paused there, their inputs give ``H``, the
+stage is solved, and the batches resume. So each block costs one forward pass, whatever the
+number of stages, and no code needs to know the block's internals.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Mapping
+
+import torch
+from greenlet import getcurrent, greenlet
+from torch import nn
+from tqdm.auto import tqdm
+
+from .algorithms import Solver, layer_objective
+from .curvature import InputSecondMoment
+from .errors import CalibrationError
+from .formats import QuantizedWeight
+from .nn import QuantLinear, set_module
+from .spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+SpecFor = Callable[[str], QuantSpec]
+
+
+class _Stop(Exception):
+    """Raised inside a forward pass once everything needed from it has been seen."""
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
+    """Run the model on each batch of token ids up to ``block`` and keep that block's call arguments."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_mod, args, kwargs):
+        captured.append((args, dict(kwargs)))
+        raise _Stop
+
+    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    if len(captured) != len(batches):
+        raise CalibrationError("the model never reached its first decoder block during calibration")
+    return captured
+
+
+def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def discover_stages(block: nn.Module, linears: Mapping[str, nn.Module], args: tuple, kwargs: dict):
+    """Run ``block`` once; return its linears in forward order grouped by shared input tensor,
+    and the linears that never ran."""
+    order: list[tuple[str, torch.Tensor]] = []
+    handles = [linears[n].register_forward_pre_hook(lambda m, a, n=n: order.append((n, a[0]))) for n in linears]
+    try:
+        block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    last, seen = None, set()
+    for name, x in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if stages and x is last:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+            last = x
+    return stages, [n for n in linears if n not in seen]
+
+
+def interleaved_forward(block: nn.Module, inputs: list[tuple[tuple, dict]], stages: list[list[str]],
+                        on_stage: Callable[[int, list[torch.Tensor]], None]) -> list[torch.Tensor]:
+    """Run ``block`` on every batch, pausing all batches at the first linear of each stage.
+
+    ``on_stage(k, xs)`` receives that linear's input from every batch; when it returns, the
+    batches resume, so whatever it changes (the stage's weights) is what they compute with.
+    Returns the block outputs per batch.
+    """
+    main = getcurrent()
+    paused: set[tuple[int, int]] = set()
+
+    def pause(k):
+        def hook(_mod, a):
+            key = (id(getcurrent()), k)
+            if key not in paused:  # a module called twice pauses once
+                paused.add(key)
+                main.switch(("pause", k, a[0]))
+        return hook
+
+    handles = [block.get_submodule(stage[0]).register_forward_pre_hook(pause(k)) for k, stage in enumerate(stages)]
+    workers = [greenlet(lambda a, kw: ("done", _first(block(*a, **kw)))) for _ in inputs]
+    try:
+        events = [w.switch(a, kw) for w, (a, kw) in zip(workers, inputs)]
+        for k in range(len(stages)):
+            if any(ev[0] != "pause" or ev[1] != k for ev in events):
+                raise CalibrationError(f"calibration batches did not all reach stage {stages[k]} of the block")
+            on_stage(k, [ev[2] for ev in events])
+            events = [w.switch() for w in workers]
+        if any(ev[0] != "done" for ev in events):
+            raise CalibrationError("a calibration batch paused again after the last stage")
+        return [ev[1] for ev in events]
+    finally:
+        for h in handles:
+            h.remove()
+        for w in workers:
+            if not w.dead:
+                w.throw()  # unwind a paused forward (GreenletExit)
+
+
+def quantize_blocks(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    blocks_prefix: str,
+    batches: list[torch.Tensor],
+    selected: Mapping[str, nn.Linear],
+    spec_for: SpecFor,
+    solver: Solver,
+    options: dict,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Quantize the ``selected`` linears (qualified names) block by block; return a per-layer report."""
+    if not batches:
+        raise CalibrationError("the calibration set is empty: pass at least one sequence of token ids")
+    report: dict[str, dict] = {}
+    plans: dict[tuple, tuple] = {}
+    with torch.no_grad():
+        inputs = capture_block_inputs(model, blocks[0], batches)
+        bar = tqdm(list(enumerate(blocks)), desc=f"{solver.fn.__name__.upper()} blocks", unit="block",
+                   disable=not progress)
+        for i, block in bar:
+            prefix = f"{blocks_prefix}.{i}."
+            linears = {n[len(prefix):]: m for n, m in selected.items() if n.startswith(prefix)}
+            key = (type(block), tuple(linears))
+            if key not in plans:  # identical blocks run their linears in the same order
+                plans[key] = discover_stages(block, linears, *inputs[0])
+            stages, never = plans[key]
+            for n in never:
+                log.warning("%s%s never ran on the calibration data; it is left in float", prefix, n)
+            solved: dict[str, tuple[QuantizedWeight, QuantSpec]] = {}
+
+            def on_stage(k, xs):
+                stat = InputSecondMoment(xs[0].shape[-1], device=xs[0].device)
+                for x in xs:
+                    stat.update(x)
+                solved.update(_solve_stage(prefix, stages[k], linears, stat.H, spec_for, solver, options, report))
+
+            outputs = interleaved_forward(block, inputs, stages, on_stage)
+            for n, (qw, spec) in solved.items():
+                set_module(block, n, QuantLinear.from_quantized(qw, spec, linears[n].bias))
+            inputs = [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outputs)]
+    return report
+
+
+def _solve_stage(prefix, stage, linears, H, spec_for, solver, options, report):
+    """Solve the linears of one stage against their shared ``H`` (same-spec linears stacked by
+    rows, which GPTQ treats independently), and make them compute with the result."""
+    by_spec: dict[QuantSpec, list[str]] = {}
+    for n in stage:
+        by_spec.setdefault(spec_for(prefix + n), []).append(n)
+    out = {}
+    for spec, names in by_spec.items():
+        W = torch.cat([linears[n].weight.detach() for n in names], 0)
+        qw = solver.fn(W, H, spec, **options)
+        parts = qw.split_rows([linears[n].out_features for n in names]) if len(names) > 1 else [qw]
+        for n, part in zip(names, parts):
+            lin = linears[n]
+            Q = part.dequantize(lin.weight.dtype)
+            err = layer_objective(lin.weight.detach(), Q, H)
+            ref = layer_objective(lin.weight.detach(), torch.zeros_like(Q), H)
+            report[prefix + n] = {"rel_error": float(err / ref) if ref > 0 else 0.0}
+            lin.weight.data = Q  # identical to what the QuantLinear built from `part` computes
+            out[n] = (part, spec)
+    return out

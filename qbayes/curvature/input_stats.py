@@ -1,0 +1,75 @@
+r"""The layer-input second moment, the one statistic every client shares.
+
+For a linear layer ``y = W x`` the expected squared output error of replacing ``W`` by ``Q`` is
+
+.. math::  \mathbb E\,\|(W - Q)\,x\|^2 = \operatorname{tr}\big((W - Q)\,H\,(W - Q)^\top\big) / 2,
+           \qquad H = \frac{2}{n} \sum_{i=1}^n x_i x_i^\top .
+
+``H`` (the Hessian of that objective, as in GPTQ) is the input-side Kronecker factor of the
+layer's Gauss-Newton curvature, which is what K-FAC Laplace and Hessian-aware bit allocation
+also use. It is accumulated as a running mean over calibration tokens so it never needs all
+activations in memory.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class InputSecondMoment:
+    """Running ``H = (2/n) Σ x xᵀ`` over the rows of inputs of width ``dim``.
+
+    Only the blocks on and below the diagonal are accumulated (``H`` is symmetric), which
+    saves up to half the multiply-adds on wide inputs; :attr:`H` returns the full matrix.
+
+    Args:
+        dim: input features.
+        dtype: accumulation dtype (float32 by default; float64 for reference checks).
+        device: where ``H`` lives.
+        chunks: number of diagonal blocks (default: by width).
+    """
+
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 chunks: int | None = None):
+        self.dim = dim
+        self.n = 0
+        self._acc = torch.zeros(dim, dim, dtype=dtype, device=device)
+        k = chunks or (1 if dim < 256 else 2 if dim < 1024 else 4)
+        step = -(-dim // k)
+        self._bounds = [(a, min(a + step, dim)) for a in range(0, dim, step)]
+        self._full: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``x`` of shape ``(..., dim)`` (every leading index is a sample)."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"input width {x.shape[-1]} does not match statistic width {self.dim}")
+        x = x.reshape(-1, self.dim).to(self._acc.dtype)
+        m = x.shape[0]
+        if m == 0:
+            return
+        total = self.n + m
+        beta, alpha = self.n / total, 2.0 / total
+        for bi, (a, b) in enumerate(self._bounds):  # H <- H n/total + (2/total) xᵀx, lower blocks
+            xa = x[:, a:b]
+            for c, d in self._bounds[: bi + 1]:
+                self._acc[a:b, c:d].addmm_(xa.T, x[:, c:d], beta=beta, alpha=alpha)
+        self.n = total
+        self._full = None
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The full symmetric ``H`` (computed from the lower blocks, cached until the next update)."""
+        if self._full is None:
+            full = self._acc.clone()
+            for bi, (a, b) in enumerate(self._bounds):
+                for c, d in self._bounds[:bi]:
+                    full[c:d, a:b] = full[a:b, c:d].T
+            self._full = full
+        return self._full
+
+    def merge(self, other: "InputSecondMoment") -> None:
+        """Combine with a statistic accumulated elsewhere (same width)."""
+        total = self.n + other.n
+        if total:
+            self._acc.mul_(self.n / total).add_(other.H.to(self._acc), alpha=other.n / total)
+            self._full = None
+        self.n = total

@@ -1,0 +1,66 @@
+"""Token windows from text files (the evaluation protocol of the project).
+
+The data folder is ``$QBAYES_DATA``, defaulting to ``../shared/data`` beside the checkout
+(resolved from the current directory, then from this package's location).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import CalibrationError, QBayesError
+
+EVAL_TEXT = "wikitext-2-raw/wiki.test.raw"
+CALIB_TEXT = "ptb/ptb.valid.txt"
+
+
+def data_dir() -> Path:
+    env = os.environ.get("QBAYES_DATA")
+    if env:
+        return Path(env)
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        cand = base.parent / "shared" / "data"
+        if cand.is_dir():
+            return cand
+    return Path.cwd().parent / "shared" / "data"
+
+
+def data_path(relative: str) -> Path:
+    p = data_dir() / relative
+    if not p.exists():
+        raise QBayesError(f"data file {p} not found: set QBAYES_DATA to the folder holding {relative}")
+    return p
+
+
+def tokenize_file(path: str | Path, tokenizer) -> torch.Tensor:
+    """The whole file, read at once and tokenized once without special tokens: 1-D int64 ids."""
+    p = Path(path)
+    if not p.exists():
+        raise QBayesError(f"text file {p} not found")
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise CalibrationError(f"text file {p} is empty")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return ids.to(torch.long)
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int = 512, n: int = 40) -> torch.Tensor:
+    """The first ``n`` non-overlapping windows of ``seqlen`` tokens: ``(n, seqlen)``."""
+    have = ids.numel() // seqlen
+    if have < n:
+        raise QBayesError(f"the text holds only {have} windows of {seqlen} tokens, {n} asked for")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def calibration_windows(ids: torch.Tensor, seqlen: int = 512, n: int = 64, seed: int = 0) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens at offsets ``torch.randint(0, N-seqlen+1, (n,))`` seeded."""
+    if n <= 0:
+        raise CalibrationError(f"the number of calibration samples must be positive, got {n}")
+    N = ids.numel()
+    if N < seqlen:
+        raise CalibrationError(f"calibration text has {N} tokens, fewer than one window of {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    offs = torch.randint(0, N - seqlen + 1, (n,), generator=g)
+    return torch.stack([ids[o: o + seqlen] for o in offs.tolist()])

@@ -1,0 +1,4 @@
+"""Evaluation metrics."""
+from .perplexity import perplexity
+
+__all__ = ["perplexity"]

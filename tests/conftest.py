@@ -1,0 +1,29 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+VOCAB = 96
+
+
+def tiny_llama(seed=0, tie=True):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, use_cache=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_opt(seed=0):
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                    word_embed_proj_dim=64, max_position_embeddings=128, use_cache=False)
+    return OPTForCausalLM(cfg).eval()
+
+
+@pytest.fixture(params=["llama", "opt"])
+def tiny_model(request):
+    return {"llama": tiny_llama, "opt": tiny_opt}[request.param]()
+
+
+@pytest.fixture
+def calib_ids():
+    return torch.randint(0, VOCAB, (6, 24), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,69 @@
+"""The command line on a tiny model folder with its own small tokenizer."""
+import re
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from qbayes.cli import main
+from qbayes.data import CALIB_TEXT, data_path
+
+from .conftest import tiny_llama
+
+ARGS = ["--seqlen", "32", "--eval-windows", "3", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([str(data_path(CALIB_TEXT))], trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(d)
+    tiny_llama().save_pretrained(d)
+    return d
+
+
+def _ppl(text, method):
+    m = re.search(rf"\| {method} \|[^|]*\|[^|]*\| ([0-9.]+) \|", text)
+    assert m, text
+    return float(m.group(1))
+
+
+def test_quantize_then_eval_reports_the_same_perplexity(model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = main(["quantize", "--model", str(model_dir), "--bits", "3", "--group-size", "32", "--act-order",
+               "--calib-samples", "4", "--out", str(out), *ARGS])
+    assert rc == 0
+    text = capsys.readouterr().out
+    fp32, q = _ppl(text, "fp32"), _ppl(text, "gptq")
+    assert q > 0 and fp32 > 0
+    assert main(["eval", str(out), *ARGS]) == 0
+    assert _ppl(capsys.readouterr().out, "gptq") == q
+
+
+def test_rtn_per_channel(model_dir, tmp_path, capsys):
+    rc = main(["quantize", "--model", str(model_dir), "--method", "rtn", "--group-size", "per-channel", "--sym",
+               "--out", str(tmp_path / "r"), *ARGS])
+    assert rc == 0
+    assert "per-channel" in capsys.readouterr().out
+
+
+def test_bad_group_size_is_a_clear_error(model_dir, tmp_path, capsys):
+    rc = main(["quantize", "--model", str(model_dir), "--group-size", "48", "--no-eval", "--out", str(tmp_path / "x"),
+               *ARGS])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "group size 48 does not divide" in err and "valid group sizes" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_eval_of_a_non_checkpoint(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a qbayes checkpoint" in capsys.readouterr().err
+
+
+def test_bits_out_of_range_rejected_by_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--bits", "9"])
+    assert "2..8" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""quantize -> save -> load -> identical logits, on tiny random Llama and OPT models."""
+import json
+import os
+
+import pytest
+import torch
+
+from qbayes import QuantSpec, load_quantized, quantize_, save_quantized
+from qbayes.formats import packed_length
+from qbayes.io import WEIGHTS, checkpoint_bytes
+from qbayes.nn import QuantLinear
+
+from .conftest import VOCAB, tiny_llama
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("method,spec,opts", [
+    ("gptq", QuantSpec(4, 32), {"act_order": True}),
+    ("gptq", QuantSpec(3, -1, symmetric=True), {}),
+    ("gptq", QuantSpec(2, 16), {}),
+    ("rtn", QuantSpec(8, 64, clip="minmax"), {}),
+])
+def test_quantize_save_load_identical_logits(tiny_model, calib_ids, tmp_path, method, spec, opts):
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(3))
+    ref = logits(tiny_model, ids)
+    quantize_(tiny_model, spec, method, calib_ids, batch_size=4, progress=False, **opts)
+    q = logits(tiny_model, ids)
+    assert not torch.equal(q, ref)  # it really changed
+    assert (q - ref).abs().max() < 10 * ref.abs().max()
+    save_quantized(tiny_model, tmp_path / "ckpt")
+    loaded, tok = load_quantized(tmp_path / "ckpt")
+    assert tok is None
+    assert torch.equal(logits(loaded, ids), q)
+    qls = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert len(qls) == (14 if "Llama" in type(loaded).__name__ else 12)
+    for m in qls:  # real packed storage: b bits per code
+        assert m.qweight.shape == (m.out_features, packed_length(m.in_features, spec.bits))
+
+
+def test_float_params_stored_in_16_bit_and_checkpoint_small(calib_ids, tmp_path):
+    m = tiny_llama()
+    fp32_bytes = sum(p.numel() * 4 for p in m.parameters())
+    quantize_(m, QuantSpec(4, 32), "gptq", calib_ids, progress=False)
+    save_quantized(m, tmp_path / "c")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "c" / WEIGHTS), "pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes["model.embed_tokens.weight"] == torch.float16
+    assert dtypes["model.norm.weight"] == torch.float16
+    assert dtypes["model.layers.0.mlp.down_proj.qweight"] == torch.uint8
+    assert "lm_head.weight" not in dtypes  # tied: stored once
+    assert os.path.getsize(tmp_path / "c" / WEIGHTS) < 0.45 * fp32_bytes
+    assert checkpoint_bytes(tmp_path / "c") > os.path.getsize(tmp_path / "c" / WEIGHTS)
+
+
+def test_metadata_records_every_layer(calib_ids, tmp_path):
+    m = tiny_llama()
+    quantize_(m, QuantSpec(3, 16), "gptq", calib_ids, progress=False, damp=0.05)
+    save_quantized(m, tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "qbayes.json").read_text())
+    assert meta["format_version"] == 1 and meta["method"] == "gptq" and meta["options"] == {"damp": 0.05}
+    assert len(meta["layers"]) == 14
+    for info in meta["layers"].values():
+        assert info["bits"] == 3 and info["group_size"] == 16 and 0 <= info["rel_error"] < 1
+
+
+def test_untied_model_roundtrip(calib_ids, tmp_path):
+    m = tiny_llama(tie=False)
+    ids = calib_ids[:2]
+    quantize_(m, QuantSpec(4, 64), "rtn", progress=False)
+    q = logits(m, ids)
+    save_quantized(m, tmp_path / "c")
+    loaded, _ = load_quantized(tmp_path / "c")
+    assert torch.equal(logits(loaded, ids), q)
