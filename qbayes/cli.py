@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric codes (default)")
     q.set_defaults(symmetric=False)
     q.add_argument("--method", default="gptq", help="weight solver: rtn | gptq (default gptq)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing H diagonal (static groups)")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: visit columns by decreasing H diagonal, with static groups (default on)")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     q.add_argument("--clip", default="mse", choices=["mse", "minmax"], help="range of each group (default mse)")
     q.add_argument("--calib", help="calibration text file (default: $QBAYES_DATA/ptb/ptb.valid.txt)")

@@ -1,8 +1,12 @@
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 VOCAB = 96
+# The tiny-model end-to-end tests also run on a GPU: QBAYES_TEST_DEVICE=cuda python -m pytest tests/test_end_to_end.py
+DEVICE = os.environ.get("QBAYES_TEST_DEVICE", "cpu")
 
 
 def tiny_llama(seed=0, tie=True):
@@ -21,7 +25,7 @@ def tiny_opt(seed=0):
 
 @pytest.fixture(params=["llama", "opt"])
 def tiny_model(request):
-    return {"llama": tiny_llama, "opt": tiny_opt}[request.param]()
+    return {"llama": tiny_llama, "opt": tiny_opt}[request.param]().to(DEVICE)
 
 
 @pytest.fixture

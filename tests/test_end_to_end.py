@@ -10,7 +10,7 @@ from qbayes.formats import packed_length
 from qbayes.io import WEIGHTS, checkpoint_bytes
 from qbayes.nn import QuantLinear
 
-from .conftest import VOCAB, tiny_llama
+from .conftest import DEVICE, VOCAB, tiny_llama
 
 
 def logits(model, ids):
@@ -25,14 +25,14 @@ def logits(model, ids):
     ("rtn", QuantSpec(8, 64, clip="minmax"), {}),
 ])
 def test_quantize_save_load_identical_logits(tiny_model, calib_ids, tmp_path, method, spec, opts):
-    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     ref = logits(tiny_model, ids)
     quantize_(tiny_model, spec, method, calib_ids, batch_size=4, progress=False, **opts)
     q = logits(tiny_model, ids)
     assert not torch.equal(q, ref)  # it really changed
     assert (q - ref).abs().max() < 10 * ref.abs().max()
     save_quantized(tiny_model, tmp_path / "ckpt")
-    loaded, tok = load_quantized(tmp_path / "ckpt")
+    loaded, tok = load_quantized(tmp_path / "ckpt", device=DEVICE)
     assert tok is None
     assert torch.equal(logits(loaded, ids), q)
     qls = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
