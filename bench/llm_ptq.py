@@ -56,7 +56,7 @@ def run_one(method: str, bits: int | None, group: int | None) -> dict:
     row = {"method": method, "bits": bits, "group_size": group}
     if method == "fp32":
         row.update(ppl=perplexity(model, windows, progress=False), quantize_s=None,
-                   checkpoint_mb=(path / "model.safetensors").stat().st_size / 2**20)
+                   checkpoint_mb=(path / "model.safetensors").stat().st_size / 1e6)
     else:
         calib = calibration_windows(tokenize_file(data_path(CALIB_TEXT), tok), 512, 64, seed=0)
         spec = QuantSpec(bits=bits, group_size=group, symmetric=False, clip="mse")
@@ -66,7 +66,7 @@ def run_one(method: str, bits: int | None, group: int | None) -> dict:
         row["quantize_s"] = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as d:
             save_quantized(model, d)
-            row["checkpoint_mb"] = checkpoint_bytes(d) / 2**20
+            row["checkpoint_mb"] = checkpoint_bytes(d) / 1e6
             del model
             loaded, _ = load_quantized(d)
             row["ppl"] = perplexity(loaded, windows, progress=False)
@@ -158,6 +158,7 @@ def main() -> None:
             "checkpoint": "model.safetensors + qbayes.json of the saved folder (tokenizer excluded); fp32 = the "
                           "converted fp32 safetensors file",
             "perplexity_of": "the quantized model reloaded from disk",
+            "units": "checkpoint_mb in 10^6 bytes; peak_rss_mb in 2^20 bytes (ru_maxrss of the row's own process)",
         },
         "machine": machine(),
         "rows": rows,

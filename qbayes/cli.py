@@ -118,7 +118,7 @@ def _quantize(args) -> int:
     model, tok = load_causal_lm(model_path)
     from .api import select_layers
     select_layers(model, spec)  # refuse an impossible spec before minutes of evaluation
-    fp32_mb = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.state_dict().values()}.values()) / 2**20
+    fp32_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6  # tied tensors once
     rows = []
     windows = None if args.no_eval else _windows(args, tok)
     if windows is not None:
@@ -140,7 +140,7 @@ def _quantize(args) -> int:
     out = Path(args.out) if args.out else Path("qbayes-out") / (
         f"{Path(model_path).name}-w{args.bits}{'pc' if args.group_size == -1 else f'g{args.group_size}'}-{args.method}")
     save_quantized(model, out, tokenizer=tok, extra={"source_model": str(model_path)})
-    size_mb = checkpoint_bytes(out) / 2**20
+    size_mb = checkpoint_bytes(out) / 1e6
     if windows is not None:
         print("evaluating quantized perplexity")
         ppl = perplexity(model, windows)
@@ -154,7 +154,7 @@ def _quantize(args) -> int:
 
 
 def _table(rows) -> str:
-    lines = ["| method | bits | groups | perplexity | size (MB) | quantize (s) |",
+    lines = ["| method | bits | groups | perplexity | size (MB, 10^6 B) | quantize (s) |",
              "|---|---|---|---|---|---|"]
     for m, b, g, p, s, t in rows:
         lines.append(f"| {m} | {b} | {g} | {p:.3f} | {s:.1f} | {'-' if t is None else f'{t:.1f}'} |")
@@ -174,7 +174,7 @@ def _eval(args) -> int:
     bits = sorted({v["bits"] for v in layers.values()})
     groups = sorted({v["group_size"] for v in layers.values()})
     print(_table([(cfg.get("method"), "/".join(map(str, bits)), "/".join(map(str, groups)), ppl,
-                   checkpoint_bytes(args.path) / 2**20, cfg.get("quantize_seconds"))]))
+                   checkpoint_bytes(args.path) / 1e6, cfg.get("quantize_seconds"))]))
     return 0
 
 
