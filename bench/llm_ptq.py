@@ -107,13 +107,13 @@ def markdown(res: dict) -> str:
     lines = [
         "# SmolLM2-135M-Instruct weight-only PTQ",
         "",
-        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, {p['threads']} torch threads, "
+        f"Machine: {res['machine']['cpu']} (AVX2), {res['machine']['cores']} cores, {p['threads']} torch threads, "
         f"torch {res['machine']['torch']}. GPTQ options: {json.dumps(GPTQ_OPTIONS)}, damp 0.01, MSE range search, "
         "asymmetric codes, float16 scales; embeddings/lm_head kept in float16.",
         "",
         f"Protocol: {p['eval']}; calibration {p['calibration']}.",
         "",
-        "| method | bits | groups | perplexity | reference GPTQ | quantize (s) | checkpoint (MB) | × fp32 size | peak RSS (MB) |",
+        "| method | bits | groups | perplexity | reference GPTQ | quantize (s) | checkpoint (MB) | × fp32 size | peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     fp32 = next(r for r in res["rows"] if r["method"] == "fp32")
@@ -136,10 +136,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--only", help="run one row, e.g. gptq:4:64 (printed, not saved)")
+    ap.add_argument("--render", action="store_true", help="rewrite the Markdown table from the saved JSON")
     ap.add_argument("--timing-repeats", type=int, default=3, help="extra runs of GPTQ W4 g64 for the median time")
     a = ap.parse_args()
     if a.child:
         print(json.dumps(run_one(*_parse(a.child))))
+        return
+    if a.render:
+        (RESULTS / "llm_ptq.md").write_text(markdown(json.loads((RESULTS / "llm_ptq.json").read_text())))
         return
     if a.only:
         print(json.dumps(_spawn(_parse(a.only)), indent=1))
