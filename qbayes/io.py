@@ -45,13 +45,13 @@ def _storage_tensors(model: nn.Module, float_dtype: torch.dtype) -> dict[str, to
     """Checkpoint tensors: QuantLinear buffers as they are, float tensors cast (losslessly, since
     quantize_ rounded them) to ``float_dtype``; tied tensors stored once."""
     out: dict[str, torch.Tensor] = {}
-    seen: dict[tuple, str] = {}
+    seen: set[tuple] = set()
     quant_prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, QuantLinear))
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in seen:
             continue
-        seen[key] = name
+        seen.add(key)
         if not name.startswith(quant_prefixes) and t.is_floating_point():
             cast = t.to(float_dtype)
             t = cast if torch.equal(cast.to(t.dtype), t) else t  # keep full precision if it would lose bits
@@ -145,7 +145,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify:
         spec = QuantSpec.from_dict(info)
         set_module(model, name, QuantLinear(info["in_features"], info["out_features"], spec, bias=info["bias"]))
     state = model.state_dict()
-    missing = [k for k in state if k not in tensors and not _is_tied(model, k, tensors)]
+    missing = [k for k in state if k not in tensors and not _is_tied(model, k)]
     unexpected = [k for k in tensors if k not in state]
     if missing or unexpected:
         raise CheckpointError(f"{wp} does not fit its model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -166,7 +166,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify:
     return model, tok
 
 
-def _is_tied(model: nn.Module, key: str, tensors: dict) -> bool:
+def _is_tied(model: nn.Module, key: str) -> bool:
     cfg = getattr(model, "config", None)
     return bool(getattr(cfg, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")
 

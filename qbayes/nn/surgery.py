@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import fnmatch
-import re
 from typing import Callable, Iterable
 
 from torch import nn
@@ -27,10 +26,8 @@ def name_filter(include: Iterable[str] | None = None, exclude: Iterable[str] | N
 
 
 def find_linears(root: nn.Module, keep: Callable[[str], bool] | None = None, prefix: str = "") -> dict[str, nn.Linear]:
-    """``{qualified name: nn.Linear}`` for every ``nn.Linear`` under ``root`` the filter keeps.
-
-    Raises if the filter names a module that exists but is not an ``nn.Linear``.
-    """
+    """``{qualified name: nn.Linear}`` for every ``nn.Linear`` under ``root`` the filter keeps
+    (see :func:`check_selection` for refusing explicitly named non-linear modules)."""
     out = {}
     for name, mod in root.named_modules():
         if not name:
@@ -63,6 +60,3 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, new)
 
-
-def natural_key(name: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
