@@ -1,4 +1,13 @@
-"""Curvature engine: layer statistics shared by solvers, bit allocation and Laplace."""
-from .input_stats import InputSecondMoment
+"""Curvature engine: layer statistics shared by solvers, bit allocation and Laplace.
 
-__all__ = ["InputSecondMoment"]
+* :class:`InputSecondMoment`: ``H = (2/n) Σ x xᵀ`` of a layer's inputs (GPTQ's Hessian, K-FAC's
+  input factor);
+* :mod:`.ggn`: per-sample Jacobians, GGN and empirical Fisher (full or diagonal);
+* :mod:`.kfac`: Kronecker factors of linear layers.
+"""
+from .ggn import ef_batch, flatten, ggn_batch, jacobians, output_hessian_sqrt, unflatten
+from .input_stats import InputSecondMoment
+from .kfac import KronFactors, kfac_factors
+
+__all__ = ["InputSecondMoment", "KronFactors", "kfac_factors", "ef_batch", "flatten", "ggn_batch", "jacobians",
+           "output_hessian_sqrt", "unflatten"]
