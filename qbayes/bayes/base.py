@@ -62,17 +62,21 @@ def commit(state: State, inplace: bool, params: Params, **fields) -> State:
     for name, value in fields.items():
         if name == "extras":
             for k, v in value.items():
-                old = state.extras.get(k)
-                if isinstance(old, dict) and isinstance(v, dict):
-                    for kk, vv in v.items():
-                        old[kk].copy_(vv)
-                elif isinstance(old, torch.Tensor) and isinstance(v, torch.Tensor) and old.shape == v.shape:
-                    old.copy_(v)
-                else:
-                    state.extras[k] = v
+                state.extras[k] = _write_into(state.extras.get(k), v)
         else:
             setattr(state, name, value)
     return state
+
+
+def _write_into(old, new):
+    """``new`` written into the tensors of ``old`` where shapes allow (recursively through dicts)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k, v in new.items():
+            old[k] = _write_into(old.get(k), v)
+        return old
+    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and old.shape == new.shape:
+        return old.copy_(new)
+    return new
 
 
 def model_log_posterior(
