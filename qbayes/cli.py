@@ -3,6 +3,7 @@
     qbayes quantize            # the embedded default: SmolLM2-135M-Instruct, W4 g64 asym GPTQ
     qbayes quantize --model DIR --bits 3 --group-size 64 --method gptq --act-order --out DIR
     qbayes eval DIR            # perplexity of a saved quantized model
+    qbayes uq --method map,laplace-ll   # posteriors of a Fashion-MNIST CNN: accuracy, NLL, ECE, Brier, OOD AUROC
 """
 from __future__ import annotations
 
@@ -72,7 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a saved quantized model")
     e.add_argument("path", help="folder written by 'qbayes quantize'")
     _add_eval_args(e)
+
+    u = sub.add_parser("uq", help="fit posteriors of a Fashion-MNIST CNN and print uncertainty metrics")
+    u.add_argument("--method", default="map,laplace-ll",
+                   help=f"comma-separated, from {','.join(UQ_METHODS)} (default map,laplace-ll)")
+    u.add_argument("--epochs", type=int, default=3, help="MAP training epochs (default 3)")
+    u.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
+    u.add_argument("--test-subset", type=int, default=None, help="use only the first N test (and OOD) images")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return ap
+
+
+UQ_METHODS = ("map", "laplace-ll", "laplace-diag", "csghmc", "mfvi", "vbll")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         if args.command == "quantize":
             return _quantize(args)
+        if args.command == "uq":
+            return _uq(args)
         return _eval(args)
     except QBayesError as e:
         print(f"qbayes: error: {e}", file=sys.stderr)
@@ -175,6 +190,49 @@ def _eval(args) -> int:
     groups = sorted({v["group_size"] for v in layers.values()})
     print(_table([(cfg.get("method"), "/".join(map(str, bits)), "/".join(map(str, groups)), ppl,
                    checkpoint_bytes(args.path) / 1e6, cfg.get("quantize_seconds"))]))
+    return 0
+
+
+def _uq(args) -> int:
+    import torch
+
+    from .bayes import workflows as W
+    from .data import IMAGE_STATS, load_image_dataset
+    from .models import fashion_cnn
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    bad = [m for m in methods if m not in UQ_METHODS]
+    if bad or not methods:
+        raise QBayesError(f"unknown method(s) {bad}: choose from {', '.join(UQ_METHODS)}")
+    torch.manual_seed(args.seed)
+    x, y = load_image_dataset("fashion-mnist", "train")
+    xt, yt = load_image_dataset("fashion-mnist", "test")
+    xo, _ = load_image_dataset("mnist", "test", normalize=IMAGE_STATS["fashion-mnist"])
+    if args.train_subset:
+        x, y = x[: args.train_subset], y[: args.train_subset]
+    if args.test_subset:
+        xt, yt, xo = xt[: args.test_subset], yt[: args.test_subset], xo[: args.test_subset]
+    print(f"training the MAP CNN on {len(x)} Fashion-MNIST images for {args.epochs} epoch(s)")
+    model = W.train_map(fashion_cnn(), x, y, epochs=args.epochs, seed=args.seed)
+    fits = {
+        "map": lambda: W.fit_map(model),
+        "laplace-ll": lambda: W.fit_laplace(model, x, y)[0],
+        "laplace-diag": lambda: W.fit_laplace(model, x, y, subset="all", structure="diag", fisher="mc",
+                                              curvature_subset=min(len(x), 10000), batch_size=32, link_approx="mc")[0],
+        "csghmc": lambda: W.fit_sgmcmc(model, x, y, epochs=3, cycles=3, seed=args.seed)[0],
+        "mfvi": lambda: W.fit_mfvi(model, x, y, epochs=1, n_samples=8, seed=args.seed),
+        "vbll": lambda: W.fit_vbll(model, x, y, epochs=1, seed=args.seed),
+    }
+    lines = ["| method | accuracy | NLL | ECE | Brier | OOD AUROC (MNIST) | fit (s) |", "|---|---|---|---|---|---|---|"]
+    for m in methods:
+        t0 = time.perf_counter()
+        predict = fits[m]()
+        fit_s = time.perf_counter() - t0
+        r = W.classification_metrics(W.predict_probs(predict, xt), yt, W.predict_probs(predict, xo))
+        lines.append(f"| {m} | {r['acc']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | {r['brier']:.4f} | "
+                     f"{r['ood_auroc']:.4f} | {fit_s:.1f} |")
+    print()
+    print("\n".join(lines))
     return 0
 
 

@@ -166,3 +166,15 @@ def test_errors():
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).double()
     with pytest.raises(QBayesError, match="nn.Linear layers only"):
         Laplace(conv, "classification", structure="kron").fit([(torch.randn(2, 1, 4, 4), torch.tensor([0, 1]))])
+
+
+def test_mc_fisher_is_an_unbiased_ggn_estimate():
+    from qbayes.curvature import mc_fisher_batch
+    model = softmax_mlp(4)
+    X = torch.randn(5, 3)
+    p = {k: v.detach() for k, v in model.named_parameters()}
+    fn = lambda q, x: torch.func.functional_call(model, q, (x.unsqueeze(0),)).squeeze(0)
+    g = torch.Generator().manual_seed(0)
+    est = sum(mc_fisher_batch(fn, p, X, "classification", "diag", g) for _ in range(4000)) / 4000
+    exact = ggn_batch(fn, p, X, "classification", "diag")
+    assert ((est - exact).abs() <= 0.05 * exact.abs().max()).all()

@@ -67,3 +67,20 @@ def test_bits_out_of_range_rejected_by_parser(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--bits", "9"])
     assert "2..8" in capsys.readouterr().err
+
+
+def test_uq_prints_uncertainty_metrics(capsys):
+    rc = main(["uq", "--method", "map,laplace-ll", "--epochs", "1", "--train-subset", "300", "--test-subset", "100",
+               "--threads", "2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    for m in ("map", "laplace-ll"):
+        row = re.search(rf"\| {m} \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|", out)
+        assert row, out
+        acc, nll, ece, brier, auroc = map(float, row.groups())
+        assert 0 <= acc <= 1 and nll > 0 and 0 <= ece <= 1 and 0 <= brier <= 2 and 0 <= auroc <= 1
+
+
+def test_uq_unknown_method(capsys):
+    assert main(["uq", "--method", "magic"]) == 2
+    assert "unknown method" in capsys.readouterr().err

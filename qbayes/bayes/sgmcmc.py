@@ -83,19 +83,22 @@ def psgld(log_posterior: LogPosterior, lr: Hyper, beta: float = 0.99, eps: float
     return Transform(init, update)
 
 
-def sghmc(log_posterior: LogPosterior, lr: Hyper, alpha: float = 0.01, beta: float = 0.0,
+def sghmc(log_posterior: LogPosterior, lr: Hyper, alpha: Hyper = 0.01, beta: float = 0.0,
           temperature: Hyper = 1.0) -> Transform:
-    """Stochastic gradient Hamiltonian Monte Carlo (unit mass, friction ``alpha``)."""
+    """Stochastic gradient Hamiltonian Monte Carlo (unit mass, friction ``alpha``).
+
+    See :func:`sgd_equivalent` to set ``lr`` and ``alpha`` from an SGD learning rate and momentum.
+    """
 
     def init(params: Params, momenta: Params | None = None) -> State:
         m = momenta if momenta is not None else {k: torch.zeros_like(p) for k, p in params.items()}
         return _init(params, momenta={k: v.detach().clone() for k, v in m.items()})
 
     def update(state: State, batch, inplace: bool = False) -> State:
-        e, T = scheduled(lr, state.step), scheduled(temperature, state.step)
+        e, T, a = scheduled(lr, state.step), scheduled(temperature, state.step), scheduled(alpha, state.step)
         value, g, aux = value_and_grad(log_posterior, state.params, batch)
-        var = max(e * T * (2 * alpha - e * beta), 0.0)
-        m = {k: (1 - e * alpha) * state.extras["momenta"][k] + e * g[k] + _noise(g[k], var) for k in g}
+        var = max(e * T * (2 * a - e * beta), 0.0)
+        m = {k: (1 - e * a) * state.extras["momenta"][k] + e * g[k] + _noise(g[k], var) for k in g}
         new = {k: p + e * m[k] for k, p in state.params.items()}
         return commit(state, inplace, new, log_posterior=value, step=state.step + 1, aux=aux,
                       extras={"momenta": m})
@@ -149,3 +152,15 @@ def entropy_mcmc(log_posterior: LogPosterior, lr: Hyper, eta: float = 1.0, tempe
                       extras={"guide": guide})
 
     return Transform(init, update)
+
+
+def sgd_equivalent(lr: Hyper, momentum: float, num_data: int) -> tuple[Callable[[int], float], Callable[[int], float]]:
+    """SGHMC ``(lr, alpha)`` schedules equivalent to SGD with momentum on the *mean* loss.
+
+    With :math:`\eta = \epsilon^2` the SGHMC update is heavy-ball SGD on the summed log
+    posterior with step :math:`\eta` and momentum :math:`1 - \epsilon\alpha` (Chen et al. 2014,
+    Sec. 4). SGD on the mean loss with learning rate ``lr`` is step ``lr/N`` on the sum, so
+    :math:`\epsilon = \sqrt{lr/N}` and :math:`\alpha = (1 - momentum)/\epsilon`.
+    """
+    eps = lambda t: math.sqrt(scheduled(lr, t) / num_data)
+    return eps, (lambda t: (1 - momentum) / max(eps(t), 1e-12))

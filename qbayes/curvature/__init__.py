@@ -5,9 +5,9 @@
 * :mod:`.ggn`: per-sample Jacobians, GGN and empirical Fisher (full or diagonal);
 * :mod:`.kfac`: Kronecker factors of linear layers.
 """
-from .ggn import ef_batch, flatten, ggn_batch, jacobians, output_hessian_sqrt, unflatten
+from .ggn import ef_batch, flatten, ggn_batch, jacobians, mc_fisher_batch, output_hessian_sqrt, sample_labels, unflatten
 from .input_stats import InputSecondMoment
 from .kfac import KronFactors, kfac_factors
 
-__all__ = ["InputSecondMoment", "KronFactors", "kfac_factors", "ef_batch", "flatten", "ggn_batch", "jacobians",
+__all__ = ["InputSecondMoment", "KronFactors", "kfac_factors", "ef_batch", "flatten", "ggn_batch", "jacobians", "mc_fisher_batch", "sample_labels",
            "output_hessian_sqrt", "unflatten"]

@@ -73,3 +73,22 @@ def ef_batch(fn, params: Params, x: torch.Tensor, y: torch.Tensor, likelihood: s
     g = torch.func.vmap(torch.func.grad(ll), in_dims=(None, 0, 0))(params, x, y)
     G = torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], 1)
     return G.T @ G if structure == "full" else (G**2).sum(0)
+
+
+def sample_labels(likelihood: str, f: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Labels drawn from the model's own predictive (softmax, or unit-noise Gaussian)."""
+    if likelihood == "classification":
+        return torch.multinomial(torch.softmax(f.detach(), -1), 1, generator=generator).squeeze(1)
+    return f.detach() + torch.randn(f.shape, dtype=f.dtype, generator=generator)
+
+
+def mc_fisher_batch(fn, params: Params, x: torch.Tensor, likelihood: str, structure: str,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Monte Carlo GGN: the empirical Fisher at labels sampled from the model. For these
+    likelihoods the Fisher equals the GGN, so this is an unbiased estimate of it at one
+    per-sample gradient (instead of one per output)."""
+    f = torch.func.vmap(fn, in_dims=(None, 0))(params, x)
+    y = sample_labels(likelihood, f, generator)
+    if likelihood == "regression":
+        y = y.reshape(f.shape)
+    return ef_batch(fn, params, x, y, likelihood, structure)

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from ...curvature import ef_batch, flatten, ggn_batch, jacobians, kfac_factors, unflatten
+from ...curvature import ef_batch, flatten, ggn_batch, jacobians, kfac_factors, mc_fisher_batch, sample_labels, unflatten
 from ...errors import QBayesError
 from .structures import DiagStructure, FullStructure, KronStructure
 
@@ -37,8 +37,8 @@ class Laplace:
             raise QBayesError(f"subset must be 'all' or 'last_layer', not {subset!r}")
         if structure not in STRUCTURES:
             raise QBayesError(f"structure must be one of {STRUCTURES}, not {structure!r}")
-        if fisher not in ("ggn", "ef"):
-            raise QBayesError(f"fisher must be 'ggn' or 'ef', not {fisher!r}")
+        if fisher not in ("ggn", "ef", "mc"):
+            raise QBayesError(f"fisher must be 'ggn', 'ef' or 'mc' (GGN from sampled labels), not {fisher!r}")
         self.model, self.likelihood, self.subset, self.structure_name, self.fisher = model, likelihood, subset, structure, fisher
         self.prior_precision = float(prior_precision)
         self.sigma_noise = float(sigma_noise)
@@ -85,6 +85,7 @@ class Laplace:
         self.n_data, self._ll, self._sse = 0, 0.0, 0.0
         p = {k: v.detach() for k, v in self.params.items()}
         fn = self._fn()
+        gen = torch.Generator().manual_seed(0)
         acc = None
         for x, y in loader:
             f = self._outputs(x)
@@ -98,6 +99,8 @@ class Laplace:
             inp = self._inputs(x)
             if self.fisher == "ggn":
                 c = ggn_batch(fn, p, inp, self.likelihood, self.structure_name)
+            elif self.fisher == "mc":
+                c = mc_fisher_batch(fn, p, inp, self.likelihood, self.structure_name, gen)
             else:
                 c = ef_batch(fn, p, inp, y, self.likelihood, self.structure_name)
             acc = c.double() if acc is None else acc + c.double()
@@ -105,7 +108,11 @@ class Laplace:
             raise QBayesError("Laplace.fit got an empty data loader")
         if self.structure_name == "kron":
             layers = self._kron_layers()
-            factors = kfac_factors(self.model, layers, loader, self.likelihood, self.fisher)
+            if self.fisher == "mc":  # EF at labels sampled from the model
+                with torch.no_grad():
+                    loader = [(x, sample_labels(self.likelihood, self.model(x), gen).reshape(
+                        y.shape if self.likelihood == "regression" else (-1,))) for x, y in loader]
+            factors = kfac_factors(self.model, layers, loader, self.likelihood, "ggn" if self.fisher == "ggn" else "ef")
             self.structure = KronStructure(factors, self._layout(layers))
         elif self.structure_name == "full":
             self.structure = FullStructure(acc)
@@ -201,6 +208,8 @@ class Laplace:
             return o.mean(0), o.var(0, unbiased=False) + self.sigma_noise**2
         if pred_type != "glm":
             raise QBayesError(f"pred_type must be 'glm' or 'nn', not {pred_type!r}")
+        if link_approx == "mc" and self.likelihood == "classification":
+            return torch.softmax(self._linearised_samples(x, f, n_samples, generator), -1).mean(0)
         with torch.enable_grad():
             V = self.functional_variance(x)
         if self.likelihood == "regression":
@@ -208,12 +217,24 @@ class Laplace:
         if link_approx == "probit":
             kappa = 1 / torch.sqrt(1 + math.pi / 8 * torch.diagonal(V, dim1=1, dim2=2))
             return torch.softmax(f * kappa, -1)
-        if link_approx == "mc":
-            L = torch.linalg.cholesky(V + 1e-10 * torch.eye(V.shape[-1], dtype=V.dtype))
-            z = torch.randn(n_samples, *f.shape, dtype=f.dtype, generator=generator)
-            fs = f + torch.einsum("nck,snk->snc", L, z)
-            return torch.softmax(fs, -1).mean(0)
         raise QBayesError(f"link_approx must be 'probit' or 'mc', not {link_approx!r}")
+
+    def _linearised_samples(self, x, f, n_samples, generator):
+        """Outputs of the linearised network ``f + J δ`` for posterior draws ``δ``, each by one
+        forward-mode product (no Jacobian is formed): ``(n_samples, n, C)``."""
+        p = {k: v.detach() for k, v in self.params.items()}
+        inp = self._inputs(x)
+        if self.subset == "last_layer":
+            names = {k: k.rsplit(".", 1)[-1] for k in p}
+            call = lambda q: torch.func.functional_call(self.last, {names[k]: v for k, v in q.items()}, (inp,))
+        else:
+            call = lambda q: torch.func.functional_call(self.model, q, (inp,))
+        deltas = self.sample(n_samples, generator) - self.mean
+        out = []
+        for d in deltas:
+            tangent = {k: v.to(p[k].dtype) for k, v in unflatten(d, p).items()}
+            out.append(f + torch.func.jvp(call, (p,), (tangent,))[1].double())
+        return torch.stack(out)
 
     def _call_with(self, vec: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
         """Outputs with the random parameters set to ``vec`` (``inp``: features for last-layer)."""
