@@ -2,7 +2,7 @@
 
 Protocol: the CNN of ``qbayes.models.fashion_cnn`` (2 conv + 2 dense, 225k parameters) trained
 to its MAP with Adam (lr 1e-3, batch 128, prior precision 30, i.e. weight decay 30/N) for
-3 epochs on the 60k Fashion-MNIST training images (standardised); every method
+15 epochs (trained to convergence, as post-hoc methods assume) on the 60k Fashion-MNIST training images (standardised); every method
 starts from that MAP. Test: the 10k Fashion-MNIST test images; OOD: the 10k MNIST test images
 (standardised with the Fashion-MNIST statistics). Metrics: accuracy, NLL, ECE (15 equal-width
 bins), Brier, and AUROC of predictive entropy for Fashion-MNIST vs MNIST.
@@ -26,9 +26,10 @@ from qbayes.bayes import sgmcmc, workflows as W
 from qbayes.bayes.base import model_log_posterior
 from qbayes.data import IMAGE_STATS, load_image_dataset
 from qbayes.models import fashion_cnn
+from qbayes.models.zoo import cache_dir
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
-MAP_EPOCHS = 3
+MAP_EPOCHS = 15
 SETTINGS = {
     "map": {},
     "laplace_ll_kron": {"subset": "last_layer", "structure": "kron"},
@@ -79,8 +80,15 @@ def main() -> None:
     xt, yt = load_image_dataset("fashion-mnist", "test")
     xo, _ = load_image_dataset("mnist", "test", normalize=IMAGE_STATS["fashion-mnist"])
     model = fashion_cnn()
+    cached = cache_dir() / f"fashion_cnn_map_e{MAP_EPOCHS}_seed0.pt"
     t0 = time.perf_counter()
-    W.train_map(model, x, y, epochs=MAP_EPOCHS)
+    if cached.exists():  # the MAP is deterministic given the seed: reuse it across runs
+        model.load_state_dict(torch.load(cached))
+        model.eval()
+    else:
+        W.train_map(model, x, y, epochs=MAP_EPOCHS)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), cached)
     map_s = time.perf_counter() - t0
     rows, timing = [], {"map_train_s": map_s, "map_epochs": MAP_EPOCHS}
     for name, kw in SETTINGS.items():
