@@ -120,7 +120,6 @@ def _windows(args, tok):
 
 
 def _quantize(args) -> int:
-    import torch
 
     from . import QuantSpec, quantize_, save_quantized
     from .data import CALIB_TEXT, calibration_windows, data_path, tokenize_file

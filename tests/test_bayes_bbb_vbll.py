@@ -1,5 +1,4 @@
 """Bayes by Backprop layers and VBLL heads against closed forms."""
-import math
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Every bad input gets a clear error naming the problem, and never a silently wrong model or a lost file."""
 import json
-import shutil
 
 import pytest
 import torch

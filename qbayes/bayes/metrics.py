@@ -59,7 +59,6 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, adaptive: b
         bins[order] = torch.arange(n) * n_bins // n
     else:
         bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
-    total = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones(n, dtype=torch.float64))
     acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     cnf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
     return float((acc - cnf).abs().sum() / n)

@@ -155,7 +155,7 @@ def entropy_mcmc(log_posterior: LogPosterior, lr: Hyper, eta: float = 1.0, tempe
 
 
 def sgd_equivalent(lr: Hyper, momentum: float, num_data: int) -> tuple[Callable[[int], float], Callable[[int], float]]:
-    """SGHMC ``(lr, alpha)`` schedules equivalent to SGD with momentum on the *mean* loss.
+    r"""SGHMC ``(lr, alpha)`` schedules equivalent to SGD with momentum on the *mean* loss.
 
     With :math:`\eta = \epsilon^2` the SGHMC update is heavy-ball SGD on the summed log
     posterior with step :math:`\eta` and momentum :math:`1 - \epsilon\alpha` (Chen et al. 2014,
