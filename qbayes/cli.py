@@ -3,6 +3,8 @@
     qbayes quantize            # the embedded default: SmolLM2-135M-Instruct, W4 g64 asym GPTQ
     qbayes quantize --model DIR --bits 3 --group-size 64 --method gptq --act-order --out DIR
     qbayes eval DIR            # perplexity of a saved quantized model
+    qbayes quantize --avg-bits 3.5 --allocate fisher   # mixed precision under a size budget
+    qbayes sensitivity         # per-layer sensitivity table, JSON and PNG
     qbayes uq --method map,laplace-ll   # posteriors of a Fashion-MNIST CNN: accuracy, NLL, ECE, Brier, OOD AUROC
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import cli_mixed
 from .errors import QBayesError
 
 log = logging.getLogger("qbayes")
@@ -69,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="output folder (default ./qbayes-out/<model>-w<bits>g<group>-<method>)")
     q.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluations")
     _add_eval_args(q)
+    cli_mixed.add_quantize_args(q)
+    cli_mixed.add_parser(sub)
 
     e = sub.add_parser("eval", help="perplexity of a saved quantized model")
     e.add_argument("path", help="folder written by 'qbayes quantize'")
@@ -99,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             return _quantize(args)
         if args.command == "uq":
             return _uq(args)
+        if args.command == "sensitivity":
+            return cli_mixed.run_sensitivity(args)
         return _eval(args)
     except QBayesError as e:
         print(f"qbayes: error: {e}", file=sys.stderr)
@@ -146,13 +153,20 @@ def _quantize(args) -> int:
         cpath = Path(args.calib) if args.calib else data_path(CALIB_TEXT)
         calib = calibration_windows(tokenize_file(cpath, tok), args.seqlen, args.calib_samples)
     options = {"act_order": args.act_order, "damp": args.damp} if args.method == "gptq" else {}
-    print(f"quantizing to {spec} with {args.method}" + (f" on {len(calib)} calibration windows" if calib is not None else ""))
+    target, record = spec, None
+    if args.avg_bits is not None:
+        target, record = cli_mixed.allocate_for(args, model, tok, spec)
+    print(f"quantizing to {spec if record is None else f'mixed {args.avg_bits} bits'} with {args.method}"
+          + (f" on {len(calib)} calibration windows" if calib is not None else ""))
     t0 = time.perf_counter()
-    quantize_(model, spec, args.method, calib, batch_size=args.batch_size, **options)
+    quantize_(model, target, args.method, calib, batch_size=args.batch_size, **options)
     qs = time.perf_counter() - t0
+    if record is not None:
+        model.qbayes_config["allocation"] = record
 
+    tag = f"mix{args.avg_bits:g}" if record is not None else f"w{args.bits}"
     out = Path(args.out) if args.out else Path("qbayes-out") / (
-        f"{Path(model_path).name}-w{args.bits}{'pc' if args.group_size == -1 else f'g{args.group_size}'}-{args.method}")
+        f"{Path(model_path).name}-{tag}{'pc' if args.group_size == -1 else f'g{args.group_size}'}-{args.method}")
     save_quantized(model, out, tokenizer=tok, extra={"source_model": str(model_path)})
     size_mb = checkpoint_bytes(out) / 1e6
     if windows is not None:
@@ -160,7 +174,8 @@ def _quantize(args) -> int:
         ppl = perplexity(model, windows)
     else:
         ppl = float("nan")
-    rows.append((args.method, args.bits, spec.granularity, ppl, size_mb, qs))
+    shown_bits = args.bits if record is None else f"{record['code_bits_per_weight']:.2f} (mixed)"
+    rows.append((args.method, shown_bits, spec.granularity, ppl, size_mb, qs))
     print()
     print(_table(rows))
     print(f"\nsaved to {out}")

@@ -90,6 +90,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra:
             "float_dtype": cfg.get("float_dtype", "float16"),
             "quantize_seconds": cfg.get("quantize_seconds"),
             "layers": layers,
+            **({"allocation": cfg["allocation"]} if "allocation" in cfg else {}),  # mixed precision: how bits were chosen
             "sha256": _sha256(tmp_w),
             **(extra or {}),
         }
@@ -158,6 +159,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify:
         model.tie_weights()
     model.to(device).eval()
     model.qbayes_config = {k: meta.get(k) for k in ("method", "options", "float_dtype", "quantize_seconds")}
+    if "allocation" in meta:
+        model.qbayes_config["allocation"] = meta["allocation"]
     model.qbayes_config["layers"] = meta["layers"]
     tok = None
     if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():

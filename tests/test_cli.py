@@ -84,3 +84,31 @@ def test_uq_prints_uncertainty_metrics(capsys):
 def test_uq_unknown_method(capsys):
     assert main(["uq", "--method", "magic"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_mixed_precision_quantize_records_every_layer(model_dir, tmp_path, capsys):
+    from qbayes import load_quantized
+
+    sens = tmp_path / "sens"
+    rc = main(["sensitivity", str(model_dir), "--criteria", "output,fisher,measured", "--group-size", "32",
+               "--sens-windows", "2", "--sens-seqlen", "32", "--out", str(sens), "--threads", "2"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "Spearman" in text and (sens / "sensitivity.png").stat().st_size > 1000
+    out = tmp_path / "mixed"
+    rc = main(["quantize", "--model", str(model_dir), "--group-size", "32", "--avg-bits", "3.5", "--allocate", "output",
+               "--sensitivity", str(sens / "sensitivity.json"), "--calib-samples", "4", "--out", str(out), *ARGS])
+    assert rc == 0
+    assert "code bits per weight" in capsys.readouterr().out
+    model, _ = load_quantized(out)
+    cfg = model.qbayes_config
+    layers = cfg["layers"]
+    n = {k: m.in_features * m.out_features for k, m in model.named_modules() if k in layers}
+    avg = sum(layers[k]["bits"] * n[k] for k in layers) / sum(n.values())
+    assert avg <= 3.5 and cfg["allocation"]["code_bits_per_weight"] == pytest.approx(avg)
+    assert len({v["bits"] for v in layers.values()}) > 1
+
+
+def test_sensitivity_unknown_criterion(model_dir, capsys):
+    assert main(["sensitivity", str(model_dir), "--criteria", "magic"]) == 2
+    assert "unknown criteria" in capsys.readouterr().err
