@@ -30,6 +30,7 @@ import torch
 from qbayes import QuantSpec, quantize_
 from qbayes.data import CALIB_TEXT, EVAL_TEXT, calibration_windows, data_path, eval_windows, tokenize_file
 from qbayes.eval import perplexity
+from qbayes.mixed.plan import mixed_specs, size_summary
 from qbayes.mixed.sensitivity import CRITERIA, SensitivityTable, sensitivity
 from qbayes.models import load_causal_lm, smollm2_135m
 
@@ -60,31 +61,60 @@ def key_of(method: str, bits: dict) -> str:
 
 
 def main() -> None:
-    from qbayes.mixed.plan import mixed_specs, size_summary
-
     torch.set_num_threads(2)
     model0, tok = load_causal_lm(str(smollm2_135m()))
     windows = eval_windows(tokenize_file(data_path(EVAL_TEXT), tok), 512, 40)
     ptb = tokenize_file(data_path(CALIB_TEXT), tok)
     calib = calibration_windows(ptb, 512, 64, seed=0)
+    sens_set = list(calibration_windows(ptb, 256, 4, seed=1).split(2))
     if SENS.exists():
         table = SensitivityTable.load(SENS)
         log(f"sensitivity table loaded from {SENS}")
     else:
-        sens_set = list(calibration_windows(ptb, 256, 4, seed=1).split(2))
         t0 = time.perf_counter()
-        table = sensitivity(model0, sens_set, spec=SPEC, bits=(2, 3, 4, 8), hutchinson_samples=16, pqi_nodes=4)
-        table.info["total_s"] = time.perf_counter() - t0
+        table = sensitivity(model0, sens_set, criteria=PREDICTORS, spec=SPEC, bits=(2, 3, 4, 8),
+                            hutchinson_samples=16, pqi_nodes=4)
+        table.info["predictors_s"] = time.perf_counter() - t0
         table.save(SENS)
-        log(f"sensitivity done in {table.info['total_s']:.0f} s: {table.info['seconds']}")
+        log(f"predictors done in {table.info['predictors_s']:.0f} s: {table.info['seconds']}")
     state = json.loads(STATE.read_text()) if STATE.exists() else {}
-    configs = [("uniform", "gptq", float(b), {n: b for n in table.layers}) for b in (3, 4)]
-    for budget in BUDGETS:
+    uniform = [("uniform", "gptq", float(b), {n: b for n in table.layers}) for b in (3, 4)]
+    first = uniform + [(c, "gptq", 3.5, mixed_specs(table, c, 3.5)[1].bits) for c in PREDICTORS]
+    run_all(first, first, table, model0, windows, calib, state)
+    measure(table, model0, sens_set)  # resumable, layer chunk by chunk
+    configs = list(first)
+    configs.append(("measured", "gptq", 3.5, mixed_specs(table, "measured", 3.5)[1].bits))
+    for budget in (3.0, 4.0):
         for crit in PREDICTORS + ["measured"]:
-            specs, alloc = mixed_specs(table, crit, budget)
-            configs.append((crit, "gptq", budget, alloc.bits))
+            configs.append((crit, "gptq", budget, mixed_specs(table, crit, budget)[1].bits))
     configs += [("uniform", "rtn", float(b), {n: b for n in table.layers}) for b in (2, 3, 4, 8)]
     configs.append(("uniform", "gptq", 2.0, {n: 2 for n in table.layers}))
+    run_all(configs, configs, table, model0, windows, calib, state)
+
+
+def measure(table: SensitivityTable, model0, sens_set, chunk: int = 14) -> None:
+    """The measured criterion, chunk by chunk of layers, saved after each chunk."""
+    from qbayes.api import select_layers
+    from qbayes.mixed.measured import measured_increase
+    from qbayes.mixed.sensitivity import rtn_deltas
+
+    done = table.scores.setdefault("measured", {})
+    todo = [n for n in table.layers if n not in done]
+    layers = select_layers(model0, QuantSpec(**table.spec))
+    t0 = time.perf_counter()
+    for i in range(0, len(todo), chunk):
+        part = {n: layers[n] for n in todo[i:i + chunk]}
+        deltas = rtn_deltas(part, QuantSpec(**table.spec), table.bits, progress=False)
+        meas = measured_increase(model0, part, sens_set, {n: {b: deltas[b][n] for b in table.bits} for n in part},
+                                 progress=False)
+        done.update(meas)
+        table.info.setdefault("seconds", {})["measured_s"] = table.info["seconds"].get("measured_s", 0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        table.save(SENS)
+        log(f"measured {len(done)}/{len(table.layers)} layers")
+
+
+def run_all(configs, shown, table, model0, windows, calib, state) -> None:
     for crit, method, budget, bits in configs:
         key = key_of(method, bits)
         if key not in state:
@@ -94,13 +124,14 @@ def main() -> None:
             state[key] = {**res, **size_summary(specs, table.shapes), "bits": bits}
             STATE.write_text(json.dumps(state))
             log(f"{method} {crit} {budget}: ppl {res['ppl']:.2f} in {res['quantize_s']:.0f} s")
-        write(table, configs, state)
+        write(table, shown, state)
 
 
 def write(table: SensitivityTable, configs, state) -> None:
     from qbayes.mixed.plot import plot_pareto, plot_sensitivity
 
-    corr = [{"criterion": c, "bits": b, "spearman": table.spearman(c, b)} for c in PREDICTORS for b in (3, 2)]
+    has_meas = len(table.scores.get("measured", {})) == len(table.layers)
+    corr = [{"criterion": c, "bits": b, "spearman": table.spearman(c, b)} for c in PREDICTORS for b in (3, 2)] if has_meas else []
     rows = []
     for crit, method, budget, bits in configs:
         r = state.get(key_of(method, bits))
@@ -115,7 +146,10 @@ def write(table: SensitivityTable, configs, state) -> None:
            "correlation": corr, "rows": [r for r in rows if r["method"] == "gptq"], "rtn_rows": [r for r in rows if r["method"] == "rtn"]}
     (RESULTS / "mixed.json").write_text(json.dumps(res, indent=1) + "\n")
     plot_pareto(rows, RESULTS / "mixed_pareto.png")
-    best = max(PREDICTORS, key=lambda c: table.spearman(c, 3))
+    best = max(PREDICTORS, key=lambda c: table.spearman(c, 3)) if has_meas else PREDICTORS[0]
+    if not has_meas:
+        table = SensitivityTable(table.layers, table.sizes, table.shapes, table.bits, table.spec,
+                                 {c: v for c, v in table.scores.items() if c != "measured"}, table.info)
     plot_sensitivity(table, RESULTS / "mixed_sensitivity.png", criterion=best, bits=3,
                      allocation=next((b for c, m, bud, b in configs if c == best and bud == 3.5), None))
     (RESULTS / "mixed.md").write_text(markdown(res))

@@ -1,0 +1,73 @@
+"""The CPU kernel for packed 2/4/8-bit weights (``csrc/qgemm_cpu.cpp``, AVX2 + FMA + F16C).
+
+Built once with ``torch.utils.cpp_extension`` the first time it is needed (a C++ compiler is
+required; about a minute) and cached under ``$QBAYES_CACHE/torch_extensions`` (default
+``~/.cache/qbayes``). Where it cannot be built or the CPU lacks AVX2/FMA/F16C, :func:`available`
+is false and callers use the reference path. ``QBAYES_KERNEL=reference`` turns it off.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("csrc") / "qgemm_cpu.cpp"
+SUPPORTED_BITS = (2, 4, 8)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=1)
+def _module():
+    if os.environ.get("QBAYES_KERNEL", "").lower() == "reference":
+        return None
+    if not {"avx2", "fma", "f16c"} <= _cpu_flags():
+        log.info("CPU lacks AVX2/FMA/F16C: packed-weight kernel disabled, using the reference path")
+        return None
+    from torch.utils.cpp_extension import load
+
+    from ..models.zoo import cache_dir
+
+    build = cache_dir() / "torch_extensions" / f"qgemm_cpu_{torch.__version__.replace('+', '_')}"
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        return load(name="qbayes_qgemm_cpu", sources=[str(SOURCE)], build_directory=str(build),
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                    verbose=False)
+    except Exception as e:  # no compiler, no ninja, ...: the reference path still works
+        log.warning("could not build the CPU packed-weight kernel (%s); using the reference path", e)
+        return None
+
+
+def available() -> bool:
+    return _module() is not None
+
+
+def supports(bits: int, in_features: int, group_cols: int, scale_dtype: torch.dtype) -> bool:
+    """Whether the kernel handles this layout (else use the reference path)."""
+    if bits not in SUPPORTED_BITS or scale_dtype != torch.float16:
+        return False
+    chunk = 8 * (8 // bits)
+    return group_cols % chunk == 0 and in_features % group_cols == 0
+
+
+def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+          bits: int, group_cols: int) -> torch.Tensor:
+    """``x (M, K) float32 @ W.T`` with ``W`` the packed weight; returns ``(M, N)`` float32."""
+    mod = _module()
+    if mod is None:
+        raise RuntimeError("the CPU packed-weight kernel is not available (see qbayes.kernels.cpu.available())")
+    return mod.qgemm(x.contiguous(), qweight, scales, qzeros, bits, group_cols)

@@ -1,0 +1,139 @@
+// Packed low-bit weight x float32 activations on the CPU (AVX2 + FMA + F16C).
+//
+// Weights: qweight uint8 (N, K*bits/8), codes little-endian in each byte (code i*cpc + j of a
+// row sits in byte i at bit j*bits, cpc = 8/bits codes per byte); scales float16 (N, G); zero
+// points packed the same way along the G groups (or absent: symmetric, zero 2^(bits-1)).
+// w[n, k] = (code - zero[n, k/gs]) * scale[n, k/gs]  -- exactly the reference dequantization.
+//
+// y[m, n] = sum_k x[m, k] w[n, k]. Each 8-byte load of a row holds 8*cpc codes; its j-th
+// bit-field across the 8 bytes is the codes i*cpc + j, i = 0..7, so x is permuted once per call
+// into that order (xp) and every code is decoded with one shift/and per 8 lanes. A group is
+// decoded into registers/L1 once and used for every row m of x.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <vector>
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+template <int BITS>
+inline int zero_of(const uint8_t* qz_row, int g) {
+  if (qz_row == nullptr) return 1 << (BITS - 1);
+  constexpr int cpc = 8 / BITS;
+  return (qz_row[g / cpc] >> (BITS * (g % cpc))) & ((1 << BITS) - 1);
+}
+
+// Decode 8 bytes (8*cpc codes) into cpc vectors of 8 floats: (code - z) * s, in xp order.
+template <int BITS>
+inline void decode8(const uint8_t* p, __m256 z, __m256 s, __m256* out) {
+  constexpr int cpc = 8 / BITS;
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#pragma GCC unroll 4
+  for (int j = 0; j < cpc; ++j) {
+    __m256i c = BITS == 8 ? b : _mm256_and_si256(_mm256_srli_epi32(b, j * BITS), mask);
+    out[j] = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), z), s);
+  }
+}
+
+template <int BITS>
+void gemm_rows(const float* xp, int64_t M, int64_t K, const uint8_t* qw, const uint16_t* sc,
+               const uint8_t* qz, int64_t G, int64_t gs, float* y, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int cpc = 8 / BITS;
+  const int64_t row_bytes = K / cpc, zbytes = (G + cpc - 1) / cpc;
+  const int64_t chunk = 8 * cpc;  // codes per 8-byte load
+  std::vector<__m256> acc(M);
+  std::vector<__m256> wbuf(gs / 8);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = qw + n * row_bytes;
+    const uint8_t* zrow = qz ? qz + n * zbytes : nullptr;
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 s = _mm256_set1_ps(half_to_float(sc[n * G + g]));
+      const __m256 z = _mm256_set1_ps(static_cast<float>(zero_of<BITS>(zrow, static_cast<int>(g))));
+      const uint8_t* p = row + g * gs / cpc;
+      if (M == 1) {
+        const float* xg = xp + g * gs;
+        __m256 a0 = acc[0], a1 = _mm256_setzero_ps();
+        for (int64_t c = 0; c < gs; c += chunk) {
+          __m256 w[cpc];
+          decode8<BITS>(p + c / cpc, z, s, w);
+#pragma GCC unroll 4
+          for (int j = 0; j < cpc; ++j) {
+            if (j & 1) a1 = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xg + c + 8 * j), a1);
+            else a0 = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xg + c + 8 * j), a0);
+          }
+        }
+        acc[0] = _mm256_add_ps(a0, a1);
+      } else {
+        for (int64_t c = 0; c < gs; c += chunk) decode8<BITS>(p + c / cpc, z, s, &wbuf[c / 8]);
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xg = xp + m * K + g * gs;
+          __m256 a = acc[m];
+          for (int64_t v = 0; v < gs / 8; ++v) a = _mm256_fmadd_ps(wbuf[v], _mm256_loadu_ps(xg + 8 * v), a);
+          acc[m] = a;
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = hsum(acc[m]);
+  }
+}
+
+template <int BITS>
+torch::Tensor run(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sc,
+                  const c10::optional<torch::Tensor>& qz, int64_t gs) {
+  constexpr int cpc = 8 / BITS;
+  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0), G = sc.size(1);
+  const int64_t chunk = 8 * cpc;
+  // permute x so that each 8-byte load's j-th bit-field meets its activations contiguously
+  auto xp_t = torch::empty_like(x);
+  const float* xs = x.data_ptr<float>();
+  float* xp = xp_t.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K; c += chunk)
+      for (int j = 0; j < cpc; ++j)
+        for (int i = 0; i < 8; ++i) xp[m * K + c + j * 8 + i] = xs[m * K + c + i * cpc + j];
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* qwp = qw.data_ptr<uint8_t>();
+  const uint16_t* scp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
+  const uint8_t* qzp = qz.has_value() ? qz->data_ptr<uint8_t>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    gemm_rows<BITS>(xp, M, K, qwp, scp, qzp, G, gs, yp, N, n0, n1);
+  });
+  return y;
+}
+
+torch::Tensor qgemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                    c10::optional<torch::Tensor> qzeros, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous(), "qweight: contiguous uint8");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales: contiguous float16");
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8");
+  const int64_t cpc = 8 / bits, K = x.size(1);
+  TORCH_CHECK(group_size % (8 * cpc) == 0 && K % group_size == 0, "group size must be a multiple of ", 8 * cpc,
+              " dividing K");
+  TORCH_CHECK(qweight.size(1) * cpc == K, "qweight width does not match K");
+  TORCH_CHECK(scales.size(0) == qweight.size(0) && scales.size(1) == K / group_size, "scales shape");
+  if (qzeros.has_value()) TORCH_CHECK(qzeros->scalar_type() == torch::kUInt8 && qzeros->is_contiguous(), "qzeros: uint8");
+  switch (bits) {
+    case 2: return run<2>(x, qweight, scales, qzeros, group_size);
+    case 4: return run<4>(x, qweight, scales, qzeros, group_size);
+    default: return run<8>(x, qweight, scales, qzeros, group_size);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("qgemm", &qgemm, "packed low-bit weight GEMM (CPU, AVX2)"); }
