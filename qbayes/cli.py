@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("path", help="folder written by 'qbayes quantize'")
     _add_eval_args(e)
 
+    k = sub.add_parser("bench-kernels", help="time packed low-bit linear layers against fp32 on this machine")
+    k.add_argument("--shapes", default="smollm2", choices=["smollm2", "large", "all"],
+                   help="SmolLM2's 576/1536 shapes, 4096/14336 shapes, or both (default smollm2)")
+    k.add_argument("--bits", default="4,8", help="comma-separated bit-widths from 2,4,8 (default 4,8)")
+    k.add_argument("--batches", default="1,16,256", help="comma-separated batch sizes (default 1,16,256)")
+    k.add_argument("--threads", type=int, default=None, help="torch (and ONNX Runtime) threads (default: torch's choice)")
+    k.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's MatMulNBits")
+
     u = sub.add_parser("uq", help="fit posteriors of a Fashion-MNIST CNN and print uncertainty metrics")
     u.add_argument("--method", default="map,laplace-ll",
                    help=f"comma-separated, from {','.join(UQ_METHODS)} (default map,laplace-ll)")
@@ -104,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             return _quantize(args)
         if args.command == "uq":
             return _uq(args)
+        if args.command == "bench-kernels":
+            return _bench_kernels(args)
         if args.command == "sensitivity":
             return cli_mixed.run_sensitivity(args)
         return _eval(args)
@@ -204,6 +214,35 @@ def _eval(args) -> int:
     groups = sorted({v["group_size"] for v in layers.values()})
     print(_table([(cfg.get("method"), "/".join(map(str, bits)), "/".join(map(str, groups)), ppl,
                    checkpoint_bytes(args.path) / 1e6, cfg.get("quantize_seconds"))]))
+    return 0
+
+
+def _bench_kernels(args) -> int:
+    import torch
+
+    from .kernels import cpu
+    from .kernels.bench import BIG, SMOL, run, table
+
+    try:
+        bits = tuple(int(b) for b in args.bits.split(","))
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        raise QBayesError("--bits and --batches take comma-separated integers") from None
+    bad = [b for b in bits if b not in cpu.SUPPORTED_BITS]
+    if bad:
+        raise QBayesError(f"bench-kernels times bit-widths {cpu.SUPPORTED_BITS}, not {bad}")
+    with_ort = not args.no_ort
+    if with_ort:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            print("onnxruntime is not installed: timing qbayes and fp32 only")
+            with_ort = False
+    print(f"packed CPU kernel: {'available' if cpu.available() else 'unavailable (reference path)'}; "
+          f"{torch.get_num_threads()} threads")
+    shapes = {"smollm2": SMOL, "large": BIG, "all": BIG + SMOL}[args.shapes]
+    rows = run(shapes, bits, batches, threads=torch.get_num_threads(), with_ort=with_ort, verbose=False)
+    print(table(rows))
     return 0
 
 

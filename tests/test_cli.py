@@ -112,3 +112,11 @@ def test_mixed_precision_quantize_records_every_layer(model_dir, tmp_path, capsy
 def test_sensitivity_unknown_criterion(model_dir, capsys):
     assert main(["sensitivity", str(model_dir), "--criteria", "magic"]) == 2
     assert "unknown criteria" in capsys.readouterr().err
+
+
+def test_bench_kernels_prints_a_speed_table(capsys):
+    assert main(["bench-kernels", "--batches", "1,2", "--bits", "4", "--no-ort", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| 576") or ln.startswith("| 1536")]
+    assert len(rows) == 6  # 3 SmolLM2 shapes x 2 batches
+    assert main(["bench-kernels", "--bits", "3"]) == 2

@@ -61,3 +61,16 @@ def test_kernel_rejects_bad_layouts():
         cpu.qgemm(torch.randn(1, 256, dtype=torch.float64), ql.qweight, ql.scales, ql.qzeros, 4, 64)
     with pytest.raises(RuntimeError, match="group size"):
         cpu.qgemm(torch.randn(1, 256), ql.qweight, ql.scales, ql.qzeros, 4, 24)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), sym=st.booleans(), groups=st.integers(1, 4), gmul=st.integers(1, 3),
+       N=st.integers(1, 40), seed=st.integers(0, 10_000))
+def test_fast_dequantize_is_bit_identical(bits, sym, groups, gmul, N, seed):
+    from qbayes.kernels import dequantize_packed
+
+    group = 8 * (8 // bits) * gmul
+    ql = _layer(bits, group, sym, group * groups, N, seed)
+    ref = dequantize_packed(ql.qweight, ql.scales, ql.qzeros, bits, ql.in_features, ql.group_cols)
+    assert torch.equal(cpu.dequant(ql.qweight, ql.scales, ql.qzeros, bits, ql.in_features, ql.group_cols), ref)
+    assert torch.equal(ql.dequantize(), ref)

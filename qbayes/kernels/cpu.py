@@ -64,6 +64,15 @@ def supports(bits: int, in_features: int, group_cols: int, scale_dtype: torch.dt
     return group_cols % chunk == 0 and in_features % group_cols == 0
 
 
+def dequant(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int,
+            in_features: int, group_cols: int) -> torch.Tensor:
+    """Dense float32 ``(out, in)`` weight, bit-identical to the reference dequantization."""
+    mod = _module()
+    if mod is None:
+        raise RuntimeError("the CPU packed-weight kernel is not available (see qbayes.kernels.cpu.available())")
+    return mod.dequant(qweight, scales, qzeros, bits, in_features, group_cols)
+
+
 def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
           bits: int, group_cols: int) -> torch.Tensor:
     """``x (M, K) float32 @ W.T`` with ``W`` the packed weight; returns ``(M, N)`` float32."""

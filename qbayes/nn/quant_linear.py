@@ -68,6 +68,11 @@ class QuantLinear(nn.Module):
         return m
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if (self.qweight.device.type == "cpu" and dtype == torch.float32
+                and cpu_kernel.supports(self.spec.bits, self.in_features, self.group_cols, self.scales.dtype)
+                and cpu_kernel.available()):
+            return cpu_kernel.dequant(self.qweight, self.scales, self.qzeros, self.spec.bits, self.in_features,
+                                      self.group_cols)
         return dequantize_packed(self.qweight, self.scales, self.qzeros, self.spec.bits,
                                  self.in_features, self.group_cols, dtype)
 

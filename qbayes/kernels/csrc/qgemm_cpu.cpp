@@ -134,6 +134,68 @@ torch::Tensor qgemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales
   }
 }
 
+
+// Dense float32 (N, K) weight from the packed form (for large batches: dequantize, then GEMM).
+template <int BITS>
+torch::Tensor dequant_impl(const torch::Tensor& qw, const torch::Tensor& sc, const c10::optional<torch::Tensor>& qz,
+                           int64_t K, int64_t gs) {
+  constexpr int cpc = 8 / BITS;
+  const int64_t N = qw.size(0), G = sc.size(1), row_bytes = K / cpc, zbytes = (G + cpc - 1) / cpc;
+  auto out = torch::empty({N, K}, torch::kFloat32);
+  const uint8_t* qwp = qw.data_ptr<uint8_t>();
+  const uint16_t* scp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
+  const uint8_t* qzp = qz.has_value() ? qz->data_ptr<uint8_t>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    __m256 w[cpc];
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* zrow = qzp ? qzp + n * zbytes : nullptr;
+      float* orow = op + n * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const __m256 s = _mm256_set1_ps(half_to_float(scp[n * G + g]));
+        const __m256 z = _mm256_set1_ps(static_cast<float>(zero_of<BITS>(zrow, static_cast<int>(g))));
+        const uint8_t* p = qwp + n * row_bytes + g * gs / cpc;
+        float* o = orow + g * gs;
+        for (int64_t c = 0; c < gs; c += 8 * cpc) {
+          decode8<BITS>(p + c / cpc, z, s, w);
+          if (BITS == 8) {
+            _mm256_storeu_ps(o + c, w[0]);
+          } else if (BITS == 4) {  // w[0] = codes 0,2,..,14 and w[1] = 1,3,..,15: interleave
+            __m256 a = _mm256_unpacklo_ps(w[0], w[cpc - 1]), b = _mm256_unpackhi_ps(w[0], w[cpc - 1]);
+            _mm256_storeu_ps(o + c, _mm256_permute2f128_ps(a, b, 0x20));
+            _mm256_storeu_ps(o + c + 8, _mm256_permute2f128_ps(a, b, 0x31));
+          } else {
+            alignas(32) float t[8 * cpc];
+            for (int j = 0; j < cpc; ++j) _mm256_store_ps(t + 8 * j, w[j]);
+            for (int i = 0; i < 8; ++i)
+              for (int j = 0; j < cpc; ++j) o[c + i * cpc + j] = t[8 * j + i];
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+torch::Tensor dequant(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> qzeros, int64_t bits,
+                      int64_t in_features, int64_t group_size) {
+  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous(), "qweight: contiguous uint8");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales: contiguous float16");
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8");
+  const int64_t cpc = 8 / bits;
+  TORCH_CHECK(group_size % (8 * cpc) == 0 && in_features % group_size == 0, "group size must be a multiple of ",
+              8 * cpc, " dividing K");
+  TORCH_CHECK(qweight.size(1) * cpc == in_features, "qweight width does not match K");
+  switch (bits) {
+    case 2: return dequant_impl<2>(qweight, scales, qzeros, in_features, group_size);
+    case 4: return dequant_impl<4>(qweight, scales, qzeros, in_features, group_size);
+    default: return dequant_impl<8>(qweight, scales, qzeros, in_features, group_size);
+  }
+}
+
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("qgemm", &qgemm, "packed low-bit weight GEMM (CPU, AVX2)"); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("qgemm", &qgemm, "packed low-bit weight GEMM (CPU, AVX2)");
+  m.def("dequant", &dequant, "packed low-bit weight to dense float32 (CPU, AVX2)");
+}

@@ -1,0 +1,59 @@
+"""Speed of linear layers with packed low-bit weights against fp32, on this machine's CPU.
+
+Protocol: for each shape (K inputs, N outputs), bit-width (group size 64, asymmetric, float16
+scales) and batch M, a random weight is quantized (RTN) into a QuantLinear; its forward (the
+path QuantLinear picks at that batch: the packed CPU kernel for few rows, dequantize-then-GEMM
+for many), torch.nn.functional.linear with the fp32 weight, and ONNX Runtime's MatMulNBits on
+the same packed codes and scales are timed in interleaved rounds (each round times a loop long
+enough to last >= 30 ms and records the per-call time); reported: the median over rounds.
+Same process, same threads for torch and ONNX Runtime.
+
+    python bench/kernels.py            # writes bench/results/kernels.{json,md}
+    python bench/kernels.py --quick    # SmolLM2 shapes only, printed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from qbayes.kernels import cpu as cpu_kernel
+from qbayes.kernels.bench import BIG, SMOL, run, table
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+def markdown(res: dict) -> str:
+    return "\n".join(["# Packed low-bit linear layers vs fp32 (CPU)", "", __doc__.split("    python")[0].strip(), "",
+                      f"Machine: {res['machine']}; {res['threads']} threads; torch {res['torch']}; "
+                      f"ONNX Runtime {res['ort']}.", "", table(res["rows"])]) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only; print, do not write results")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if not cpu_kernel.available():
+        print("warning: the packed CPU kernel is unavailable here; timing the reference path")
+    rows = run(SMOL if args.quick else BIG + SMOL, threads=args.threads)
+    if args.quick:
+        return
+    try:
+        import onnxruntime
+        ort_v = onnxruntime.__version__
+    except ImportError:
+        ort_v = "not installed"
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.machine())
+    res = {"machine": f"{cpu}, {os.cpu_count()} cores", "threads": args.threads, "torch": torch.__version__, "ort": ort_v,
+           "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "kernels.json").write_text(json.dumps(res, indent=1) + "\n")
+    (RESULTS / "kernels.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
