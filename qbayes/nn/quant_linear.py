@@ -80,18 +80,24 @@ class QuantLinear(nn.Module):
         if self._fast_cpu(x):
             y = cpu_kernel.qgemm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.qzeros,
                                  self.spec.bits, self.group_cols)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
+            if self.bias is not None:
+                y += self.bias
+            return y.view(*x.shape[:-1], self.out_features)
         return linear(x, self.dequantize(x.dtype if x.is_floating_point() else torch.float32), self.bias)
 
     def _fast_cpu(self, x: torch.Tensor) -> bool:
         """Few rows of float32 on the CPU, no autograd, a layout the packed kernel supports: use
         it (batch-1 decoding is bound by the weight bytes it reads); otherwise the reference
         dequantize-then-matmul, which is what large batches want anyway."""
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
-                and x.numel() // max(self.in_features, 1) <= CPU_KERNEL_MAX_ROWS
-                and cpu_kernel.supports(self.spec.bits, self.in_features, self.group_cols, self.scales.dtype)
-                and cpu_kernel.available())
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > CPU_KERNEL_MAX_ROWS * self.in_features:
+            return False
+        if x.requires_grad and torch.is_grad_enabled():
+            return False
+        ok = self.__dict__.get("_kernel_ok")
+        if ok is None:  # the layout never changes: decide once
+            ok = self._kernel_ok = (cpu_kernel.supports(self.spec.bits, self.in_features, self.group_cols,
+                                                        self.scales.dtype) and cpu_kernel.available())
+        return ok
 
     def storage_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -47,46 +47,63 @@ inline void decode8(const uint8_t* p, __m256 z, __m256 s, __m256* out) {
   }
 }
 
+// Decode 8 bytes (8*cpc codes) into cpc vectors of 8 float codes (no scale, no zero), xp order.
 template <int BITS>
-void gemm_rows(const float* xp, int64_t M, int64_t K, const uint8_t* qw, const uint16_t* sc,
+inline void codes8(const uint8_t* p, __m256* out) {
+  constexpr int cpc = 8 / BITS;
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#pragma GCC unroll 4
+  for (int j = 0; j < cpc; ++j)
+    out[j] = _mm256_cvtepi32_ps(BITS == 8 ? b : _mm256_and_si256(_mm256_srli_epi32(b, j * BITS), mask));
+}
+
+// y[m, n] = sum_g s_ng (sum_{k in g} c_nk x_mk - z_ng xsum_mg): the scale and zero-point leave
+// the inner loop, which is then one shift/and/convert and one FMA per 8 weights.
+template <int BITS>
+void gemm_rows(const float* xp, const float* xsum, int64_t M, int64_t K, const uint8_t* qw, const uint16_t* sc,
                const uint8_t* qz, int64_t G, int64_t gs, float* y, int64_t N, int64_t n0, int64_t n1) {
   constexpr int cpc = 8 / BITS;
   const int64_t row_bytes = K / cpc, zbytes = (G + cpc - 1) / cpc;
   const int64_t chunk = 8 * cpc;  // codes per 8-byte load
   std::vector<__m256> acc(M);
+  std::vector<float> corr(M);
   std::vector<__m256> wbuf(gs / 8);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = qw + n * row_bytes;
     const uint8_t* zrow = qz ? qz + n * zbytes : nullptr;
-    for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), corr[m] = 0.f;
     for (int64_t g = 0; g < G; ++g) {
-      const __m256 s = _mm256_set1_ps(half_to_float(sc[n * G + g]));
-      const __m256 z = _mm256_set1_ps(static_cast<float>(zero_of<BITS>(zrow, static_cast<int>(g))));
+      const float s = half_to_float(sc[n * G + g]);
+      const float sz = s * static_cast<float>(zero_of<BITS>(zrow, static_cast<int>(g)));
+      const __m256 sv = _mm256_set1_ps(s);
       const uint8_t* p = row + g * gs / cpc;
       if (M == 1) {
         const float* xg = xp + g * gs;
-        __m256 a0 = acc[0], a1 = _mm256_setzero_ps();
+        __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
         for (int64_t c = 0; c < gs; c += chunk) {
           __m256 w[cpc];
-          decode8<BITS>(p + c / cpc, z, s, w);
+          codes8<BITS>(p + c / cpc, w);
 #pragma GCC unroll 4
           for (int j = 0; j < cpc; ++j) {
-            if (j & 1) a1 = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xg + c + 8 * j), a1);
-            else a0 = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xg + c + 8 * j), a0);
+            if (j & 1) d1 = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xg + c + 8 * j), d1);
+            else d0 = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xg + c + 8 * j), d0);
           }
         }
-        acc[0] = _mm256_add_ps(a0, a1);
+        acc[0] = _mm256_fmadd_ps(sv, _mm256_add_ps(d0, d1), acc[0]);
+        corr[0] += sz * xsum[g];
       } else {
-        for (int64_t c = 0; c < gs; c += chunk) decode8<BITS>(p + c / cpc, z, s, &wbuf[c / 8]);
+        for (int64_t c = 0; c < gs; c += chunk) codes8<BITS>(p + c / cpc, &wbuf[c / 8]);
         for (int64_t m = 0; m < M; ++m) {
           const float* xg = xp + m * K + g * gs;
-          __m256 a = acc[m];
-          for (int64_t v = 0; v < gs / 8; ++v) a = _mm256_fmadd_ps(wbuf[v], _mm256_loadu_ps(xg + 8 * v), a);
-          acc[m] = a;
+          __m256 d = _mm256_setzero_ps();
+          for (int64_t v = 0; v < gs / 8; ++v) d = _mm256_fmadd_ps(wbuf[v], _mm256_loadu_ps(xg + 8 * v), d);
+          acc[m] = _mm256_fmadd_ps(sv, d, acc[m]);
+          corr[m] += sz * xsum[m * G + g];
         }
       }
     }
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = hsum(acc[m]);
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = hsum(acc[m]) - corr[m];
   }
 }
 
@@ -104,13 +121,16 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& qw, const torch::
     for (int64_t c = 0; c < K; c += chunk)
       for (int j = 0; j < cpc; ++j)
         for (int i = 0; i < 8; ++i) xp[m * K + c + j * 8 + i] = xs[m * K + c + i * cpc + j];
+  const int64_t G_ = sc.size(1);
+  auto xsum_t = x.view({M, G_, gs}).sum(-1).contiguous();  // per-group sums of x, for the zero-points
+  const float* xsum = xsum_t.data_ptr<float>();
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* qwp = qw.data_ptr<uint8_t>();
   const uint16_t* scp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
   const uint8_t* qzp = qz.has_value() ? qz->data_ptr<uint8_t>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    gemm_rows<BITS>(xp, M, K, qwp, scp, qzp, G, gs, yp, N, n0, n1);
+    gemm_rows<BITS>(xp, xsum, M, K, qwp, scp, qzp, G, gs, yp, N, n0, n1);
   });
   return y;
 }
