@@ -1,0 +1,36 @@
+r"""Posterior-guided importance: the Laplace posterior precision of the layer's weights,
+
+.. math:: \Delta L \approx \tfrac12\,\mathrm{vec}(\Delta W)^\top P\,\mathrm{vec}(\Delta W),\qquad
+          P = G\otimes A + (\lambda/N)\,I \ \text{(K-FAC, } A = H/2\text{)}\quad\text{or}\quad
+          P = \mathrm{diag}(\mathrm{GGN}) + \lambda/N,
+
+the precision of the Laplace posterior over ``W`` scaled to the mean loss, with GGN factors from
+labels sampled from the model (:mod:`.stats`). Weights the posterior is unsure about (low
+precision) cost little to perturb, so they get fewer bits (cf. Variational Bayesian
+Quantization, Yang et al. 2020). The prior precision is set per layer by the evidence-style
+fixed point :math:`\lambda = n / \|W\|^2` (an isotropic Gaussian prior whose variance is the
+weights' mean square).
+"""
+from __future__ import annotations
+
+import torch
+
+from .stats import LayerStats
+
+
+def prior_precision(W: torch.Tensor) -> float:
+    """``λ = n / ‖W‖²``: the precision of an isotropic Gaussian prior matching the weights' scale."""
+    return W.numel() / max(float(W.double().square().sum()), 1e-30)
+
+
+def posterior(dW: torch.Tensor, st: LayerStats, W: torch.Tensor, structure: str = "kron") -> float:
+    d = dW.double()
+    prior = prior_precision(W) / st.n_tokens * float(d.square().sum())
+    if structure == "kron":
+        A = st.H.double() / 2
+        like = float(((st.G.double() @ d @ A) * d).sum())
+    elif structure == "diag":
+        like = float((st.ggn_diag.double() * d.square()).sum())
+    else:
+        raise ValueError(f"unknown posterior structure {structure!r}: 'kron' or 'diag'")
+    return 0.5 * (like + prior)
