@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("path", help="folder written by 'qbayes quantize'")
     _add_eval_args(e)
 
+    g = sub.add_parser("generate", help="generate text with a saved quantized model and report tokens/s")
+    g.add_argument("path", help="folder written by 'qbayes quantize' (or a float Hugging Face model folder)")
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
     k = sub.add_parser("bench-kernels", help="time packed low-bit linear layers against fp32 on this machine")
     k.add_argument("--shapes", default="smollm2", choices=["smollm2", "large", "all"],
                    help="SmolLM2's 576/1536 shapes, 4096/14336 shapes, or both (default smollm2)")
@@ -112,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             return _quantize(args)
         if args.command == "uq":
             return _uq(args)
+        if args.command == "generate":
+            return _generate(args)
         if args.command == "bench-kernels":
             return _bench_kernels(args)
         if args.command == "sensitivity":
@@ -214,6 +224,25 @@ def _eval(args) -> int:
     groups = sorted({v["group_size"] for v in layers.values()})
     print(_table([(cfg.get("method"), "/".join(map(str, bits)), "/".join(map(str, groups)), ppl,
                    checkpoint_bytes(args.path) / 1e6, cfg.get("quantize_seconds"))]))
+    return 0
+
+
+def _generate(args) -> int:
+    from .generate import generate
+    from .io import META, load_quantized
+
+    p = Path(args.path)
+    if (p / META).exists():
+        model, tok = load_quantized(p)
+    else:
+        from .models import load_causal_lm
+        model, tok = load_causal_lm(_resolve_model(args.path))
+    if tok is None:
+        raise QBayesError(f"{args.path} holds no tokenizer: cannot tokenize the prompt")
+    g = generate(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    print(args.prompt + g.text)
+    print(f"\n{g.new_tokens} new tokens after a {g.prompt_tokens}-token prompt; prefill {g.prefill_s * 1e3:.0f} ms; "
+          f"decode {g.tokens_per_s:.1f} tokens/s")
     return 0
 
 

@@ -31,3 +31,20 @@ def tiny_model(request):
 @pytest.fixture
 def calib_ids():
     return torch.randint(0, VOCAB, (6, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny Llama saved with a small BPE tokenizer trained on the calibration text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from qbayes.data import CALIB_TEXT, data_path
+
+    d = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([str(data_path(CALIB_TEXT))], trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(d)
+    tiny_llama().save_pretrained(d)
+    return d

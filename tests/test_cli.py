@@ -2,26 +2,10 @@
 import re
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from qbayes.cli import main
-from qbayes.data import CALIB_TEXT, data_path
-
-from .conftest import tiny_llama
 
 ARGS = ["--seqlen", "32", "--eval-windows", "3", "--threads", "2"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train([str(data_path(CALIB_TEXT))], trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(d)
-    tiny_llama().save_pretrained(d)
-    return d
 
 
 def _ppl(text, method):
@@ -120,3 +104,14 @@ def test_bench_kernels_prints_a_speed_table(capsys):
     rows = [ln for ln in out.splitlines() if ln.startswith("| 576") or ln.startswith("| 1536")]
     assert len(rows) == 6  # 3 SmolLM2 shapes x 2 batches
     assert main(["bench-kernels", "--bits", "3"]) == 2
+
+
+def test_generate_prints_text_and_speed(model_dir, tmp_path, capsys):
+    out = tmp_path / "q4"
+    assert main(["quantize", "--model", str(model_dir), "--method", "rtn", "--group-size", "32", "--no-eval",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "the company said", "--max-new-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"tokens/s", text)
+    assert main(["generate", str(tmp_path / "nothing"), "x"]) == 2
