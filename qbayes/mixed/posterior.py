@@ -4,8 +4,11 @@ r"""Posterior-guided importance: the Laplace posterior precision of the layer's 
           P = G\otimes A + (\lambda/N)\,I \ \text{(K-FAC, } A = H/2\text{)}\quad\text{or}\quad
           P = \mathrm{diag}(\mathrm{GGN}) + \lambda/N,
 
-the precision of the Laplace posterior over ``W`` scaled to the mean loss, with GGN factors from
-labels sampled from the model (:mod:`.stats`). Weights the posterior is unsure about (low
+the precision of the Laplace posterior over ``W`` after ``N`` training examples (``N·GGN + λ``),
+divided by ``N`` to put it in units of the mean loss, with GGN factors from labels sampled from
+the model on the sensitivity set (:mod:`.stats`). ``N`` is the size of the data the model was
+trained on (default ``1e12`` tokens, the scale of LLM pre-training, where the prior term is
+negligible), not the few hundred tokens of the sensitivity set. Weights the posterior is unsure about (low
 precision) cost little to perturb, so they get fewer bits (cf. Variational Bayesian
 Quantization, Yang et al. 2020). The prior precision is set per layer by the evidence-style
 fixed point :math:`\lambda = n / \|W\|^2` (an isotropic Gaussian prior whose variance is the
@@ -20,12 +23,16 @@ from .stats import LayerStats
 
 def prior_precision(W: torch.Tensor) -> float:
     """``λ = n / ‖W‖²``: the precision of an isotropic Gaussian prior matching the weights' scale."""
-    return W.numel() / max(float(W.double().square().sum()), 1e-30)
+    return W.numel() / max(float(W.detach().double().square().sum()), 1e-30)
 
 
-def posterior(dW: torch.Tensor, st: LayerStats, W: torch.Tensor, structure: str = "kron") -> float:
+DEFAULT_NUM_DATA = 1e12
+
+
+def posterior(dW: torch.Tensor, st: LayerStats, W: torch.Tensor, structure: str = "kron",
+              num_data: float = DEFAULT_NUM_DATA) -> float:
     d = dW.double()
-    prior = prior_precision(W) / st.n_tokens * float(d.square().sum())
+    prior = prior_precision(W) / num_data * float(d.square().sum())
     if structure == "kron":
         A = st.H.double() / 2
         like = float(((st.G.double() @ d @ A) * d).sum())

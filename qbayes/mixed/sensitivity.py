@@ -117,7 +117,7 @@ def rtn_deltas(layers: dict[str, nn.Linear], spec: QuantSpec, bits: Iterable[int
 
 def sensitivity(model: nn.Module, batches, *, criteria: Sequence[str] = CRITERIA, bits: Sequence[int] = DEFAULT_BITS,
                 spec: QuantSpec = QuantSpec(), include=None, exclude=DEFAULT_EXCLUDE, hutchinson_samples: int = 16,
-                pqi_nodes: int = 4, posterior_structure: str = "kron", seed: int = 0,
+                pqi_nodes: int = 4, posterior_structure: str = "kron", posterior_num_data: float = 1e12, seed: int = 0,
                 progress: bool = True) -> SensitivityTable:
     """Score every selected linear of ``model`` at every bit-width in ``bits`` under ``criteria``.
 
@@ -142,7 +142,7 @@ def sensitivity(model: nn.Module, batches, *, criteria: Sequence[str] = CRITERIA
     scores: dict[str, dict[str, dict[int, float]]] = {c: {n: {} for n in layers} for c in criteria}
     info: dict = {"n_tokens": sum(b.shape[0] * (b.shape[1] - 1) for b in batches), "seconds": t,
                   "hutchinson_samples": hutchinson_samples, "pqi_nodes": pqi_nodes,
-                  "posterior_structure": posterior_structure}
+                  "posterior_structure": posterior_structure, "posterior_num_data": posterior_num_data}
     if {"fisher", "output", "posterior"} & set(criteria):
         t0 = time.perf_counter()
         stats = collect_layer_stats(model, layers, batches, seed=seed, progress=progress)
@@ -155,7 +155,8 @@ def sensitivity(model: nn.Module, batches, *, criteria: Sequence[str] = CRITERIA
                 if "output" in criteria:
                     scores["output"][n][b] = C.output(d, stats[n])
                 if "posterior" in criteria:
-                    scores["posterior"][n][b] = C.posterior(d, stats[n], lin.weight.detach(), posterior_structure)
+                    scores["posterior"][n][b] = C.posterior(d, stats[n], lin.weight.detach(), posterior_structure,
+                                                            posterior_num_data)
         del stats
     if "hawq" in criteria:
         from ..curvature.hutchinson import hutchinson_trace
