@@ -36,8 +36,7 @@ def _check(y, x, ql, bias=None):
 @given(bits=st.sampled_from([2, 4, 8]), sym=st.booleans(), groups=st.integers(1, 4), gmul=st.integers(1, 3),
        N=st.integers(1, 40), M=st.integers(1, 20), seed=st.integers(0, 10_000), per_channel=st.booleans())
 def test_kernel_matches_reference(bits, sym, groups, gmul, N, M, seed, per_channel):
-    chunk = 8 * (8 // bits)
-    group = chunk * gmul
+    group = 32 * gmul
     K = group * groups
     ql = _layer(bits, -1 if per_channel else group, sym, K, N, seed)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed + 1))

@@ -60,8 +60,7 @@ def supports(bits: int, in_features: int, group_cols: int, scale_dtype: torch.dt
     """Whether the kernel handles this layout (else use the reference path)."""
     if bits not in SUPPORTED_BITS or scale_dtype != torch.float16:
         return False
-    chunk = 8 * (8 // bits)
-    return group_cols % chunk == 0 and in_features % group_cols == 0
+    return group_cols % 32 == 0 and in_features % group_cols == 0
 
 
 def dequant(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int,

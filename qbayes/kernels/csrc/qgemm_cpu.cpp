@@ -58,14 +58,61 @@ inline void codes8(const uint8_t* p, __m256* out) {
     out[j] = _mm256_cvtepi32_ps(BITS == 8 ? b : _mm256_and_si256(_mm256_srli_epi32(b, j * BITS), mask));
 }
 
+// 32 codes (32*BITS/8 bytes) as 4 vectors of 8 float codes, in xp order.
+template <int BITS>
+inline void codes32(const uint8_t* p, __m256* w) {
+  constexpr int cpc = 8 / BITS;
+#pragma GCC unroll 4
+  for (int i = 0; i < 4 / cpc; ++i) codes8<BITS>(p + 8 * i, w + cpc * i);
+}
+
 // y[m, n] = sum_g s_ng (sum_{k in g} c_nk x_mk - z_ng xsum_mg): the scale and zero-point leave
-// the inner loop, which is then one shift/and/convert and one FMA per 8 weights.
+// the inner loop, which is then one shift/and/convert and one FMA per 8 weights. Independent
+// accumulators (4 for one row of x, a tile of up to 8 rows otherwise) keep the FMA pipes busy
+// instead of waiting on one dependency chain.
+// One row of x (decoding): per weight row, the scales are converted 8 at a time and the
+// zero-point correction sum_g s z xsum_g is taken once, so a group costs its decode/FMA loop, one
+// horizontal-free reduction of 4 accumulators and one FMA into the row's accumulator.
+template <int BITS>
+void gemv_rows(const float* xp, const float* xsum, int64_t K, const uint8_t* qw, const uint16_t* sc,
+               const uint8_t* qz, int64_t G, int64_t gs, float* y, int64_t n0, int64_t n1) {
+  constexpr int cpc = 8 / BITS;
+  const int64_t row_bytes = K / cpc, zbytes = (G + cpc - 1) / cpc;
+  std::vector<float> sbuf(G + 8);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* srow = sc + n * G;
+    int64_t g8 = 0;
+    for (; g8 + 8 <= G; g8 += 8)
+      _mm256_storeu_ps(&sbuf[g8], _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + g8))));
+    for (; g8 < G; ++g8) sbuf[g8] = half_to_float(srow[g8]);
+    const uint8_t* zrow = qz ? qz + n * zbytes : nullptr;
+    float corr = 0.f;
+    for (int64_t g = 0; g < G; ++g) corr += sbuf[g] * static_cast<float>(zero_of<BITS>(zrow, static_cast<int>(g))) * xsum[g];
+    const uint8_t* row = qw + n * row_bytes;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* p = row + g * gs / cpc;
+      const float* xg = xp + g * gs;
+      __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
+      for (int64_t c = 0; c < gs; c += 32) {
+        __m256 w[4];
+        codes32<BITS>(p + c / cpc, w);
+        d0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xg + c), d0);
+        d1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xg + c + 8), d1);
+        d2 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xg + c + 16), d2);
+        d3 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xg + c + 24), d3);
+      }
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(sbuf[g]), _mm256_add_ps(_mm256_add_ps(d0, d1), _mm256_add_ps(d2, d3)), acc);
+    }
+    y[n] = hsum(acc) - corr;
+  }
+}
+
 template <int BITS>
 void gemm_rows(const float* xp, const float* xsum, int64_t M, int64_t K, const uint8_t* qw, const uint16_t* sc,
                const uint8_t* qz, int64_t G, int64_t gs, float* y, int64_t N, int64_t n0, int64_t n1) {
   constexpr int cpc = 8 / BITS;
   const int64_t row_bytes = K / cpc, zbytes = (G + cpc - 1) / cpc;
-  const int64_t chunk = 8 * cpc;  // codes per 8-byte load
   std::vector<__m256> acc(M);
   std::vector<float> corr(M);
   std::vector<__m256> wbuf(gs / 8);
@@ -80,25 +127,45 @@ void gemm_rows(const float* xp, const float* xsum, int64_t M, int64_t K, const u
       const uint8_t* p = row + g * gs / cpc;
       if (M == 1) {
         const float* xg = xp + g * gs;
-        __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
-        for (int64_t c = 0; c < gs; c += chunk) {
-          __m256 w[cpc];
-          codes8<BITS>(p + c / cpc, w);
-#pragma GCC unroll 4
-          for (int j = 0; j < cpc; ++j) {
-            if (j & 1) d1 = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xg + c + 8 * j), d1);
-            else d0 = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xg + c + 8 * j), d0);
-          }
+        __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
+        for (int64_t c = 0; c < gs; c += 32) {
+          __m256 w[4];
+          codes32<BITS>(p + c / cpc, w);
+          d0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xg + c), d0);
+          d1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xg + c + 8), d1);
+          d2 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xg + c + 16), d2);
+          d3 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xg + c + 24), d3);
         }
-        acc[0] = _mm256_fmadd_ps(sv, _mm256_add_ps(d0, d1), acc[0]);
+        acc[0] = _mm256_fmadd_ps(sv, _mm256_add_ps(_mm256_add_ps(d0, d1), _mm256_add_ps(d2, d3)), acc[0]);
         corr[0] += sz * xsum[g];
       } else {
-        for (int64_t c = 0; c < gs; c += chunk) codes8<BITS>(p + c / cpc, &wbuf[c / 8]);
-        for (int64_t m = 0; m < M; ++m) {
+        for (int64_t c = 0; c < gs; c += 32) codes32<BITS>(p + c / cpc, &wbuf[c / 8]);
+        const int64_t nv = gs / 8;
+        int64_t m = 0;
+        for (; m + 8 <= M; m += 8) {  // a tile of 8 rows: 8 independent chains
+          __m256 d[8];
+          for (int t = 0; t < 8; ++t) d[t] = _mm256_setzero_ps();
           const float* xg = xp + m * K + g * gs;
-          __m256 d = _mm256_setzero_ps();
-          for (int64_t v = 0; v < gs / 8; ++v) d = _mm256_fmadd_ps(wbuf[v], _mm256_loadu_ps(xg + 8 * v), d);
-          acc[m] = _mm256_fmadd_ps(sv, d, acc[m]);
+          for (int64_t v = 0; v < nv; ++v) {
+            const __m256 wv = wbuf[v];
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; ++t) d[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xg + t * K + 8 * v), d[t]);
+          }
+          for (int t = 0; t < 8; ++t) {
+            acc[m + t] = _mm256_fmadd_ps(sv, d[t], acc[m + t]);
+            corr[m + t] += sz * xsum[(m + t) * G + g];
+          }
+        }
+        for (; m < M; ++m) {
+          const float* xg = xp + m * K + g * gs;
+          __m256 d0 = _mm256_setzero_ps(), d1 = d0;
+          int64_t v = 0;
+          for (; v + 2 <= nv; v += 2) {
+            d0 = _mm256_fmadd_ps(wbuf[v], _mm256_loadu_ps(xg + 8 * v), d0);
+            d1 = _mm256_fmadd_ps(wbuf[v + 1], _mm256_loadu_ps(xg + 8 * v + 8), d1);
+          }
+          for (; v < nv; ++v) d0 = _mm256_fmadd_ps(wbuf[v], _mm256_loadu_ps(xg + 8 * v), d0);
+          acc[m] = _mm256_fmadd_ps(sv, _mm256_add_ps(d0, d1), acc[m]);
           corr[m] += sz * xsum[m * G + g];
         }
       }
@@ -130,7 +197,8 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& qw, const torch::
   const uint8_t* qzp = qz.has_value() ? qz->data_ptr<uint8_t>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    gemm_rows<BITS>(xp, xsum, M, K, qwp, scp, qzp, G, gs, yp, N, n0, n1);
+    if (M == 1) gemv_rows<BITS>(xp, xsum, K, qwp, scp, qzp, G, gs, yp, n0, n1);
+    else gemm_rows<BITS>(xp, xsum, M, K, qwp, scp, qzp, G, gs, yp, N, n0, n1);
   });
   return y;
 }
@@ -142,8 +210,7 @@ torch::Tensor qgemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales
   TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales: contiguous float16");
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8");
   const int64_t cpc = 8 / bits, K = x.size(1);
-  TORCH_CHECK(group_size % (8 * cpc) == 0 && K % group_size == 0, "group size must be a multiple of ", 8 * cpc,
-              " dividing K");
+  TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0, "group size must be a multiple of 32 dividing K");
   TORCH_CHECK(qweight.size(1) * cpc == K, "qweight width does not match K");
   TORCH_CHECK(scales.size(0) == qweight.size(0) && scales.size(1) == K / group_size, "scales shape");
   if (qzeros.has_value()) TORCH_CHECK(qzeros->scalar_type() == torch::kUInt8 && qzeros->is_contiguous(), "qzeros: uint8");
