@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
+    x = sub.add_parser("export", help="export a saved quantized model for another runtime (ONNX Runtime)")
+    x.add_argument("path", help="folder written by 'qbayes quantize'")
+    x.add_argument("--to", default="onnx", choices=["onnx", "gguf"], help="target format (default onnx)")
+    x.add_argument("--out", help="output file (default PATH/model.onnx)")
+    x.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the export in ONNX Runtime on a few windows and compare logits (default on)")
+
     k = sub.add_parser("bench-kernels", help="time packed low-bit linear layers against fp32 on this machine")
     k.add_argument("--shapes", default="smollm2", choices=["smollm2", "large", "all"],
                    help="SmolLM2's 576/1536 shapes, 4096/14336 shapes, or both (default smollm2)")
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.threads:
+        if getattr(args, "threads", None):
             import torch
             torch.set_num_threads(args.threads)
         if args.command == "quantize":
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             return _uq(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "bench-kernels":
             return _bench_kernels(args)
         if args.command == "sensitivity":
@@ -243,6 +252,36 @@ def _generate(args) -> int:
     print(args.prompt + g.text)
     print(f"\n{g.new_tokens} new tokens after a {g.prompt_tokens}-token prompt; prefill {g.prefill_s * 1e3:.0f} ms; "
           f"decode {g.tokens_per_s:.1f} tokens/s")
+    return 0
+
+
+def _export(args) -> int:
+    import torch
+
+    from .io import load_quantized
+
+    if args.to == "gguf":
+        raise QBayesError("GGUF export is not implemented yet; use --to onnx")
+    from .export import export_onnx
+
+    model, _ = load_quantized(args.path)
+    out = Path(args.out) if args.out else Path(args.path) / "model.onnx"
+    report = export_onnx(model, out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {report['MatMulNBits']} layers as MatMulNBits, "
+          f"{report['DequantizeLinear']} as DequantizeLinear+MatMul, {len(report['float'])} converted to float")
+    if args.check:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+        got = torch.from_numpy(sess.run(None, {"input_ids": ids.numpy()})[0])
+        with torch.no_grad():
+            ref = model(input_ids=ids, use_cache=False).logits
+        rel = float((got - ref).abs().max() / ref.abs().max())
+        print(f"check: ONNX Runtime logits vs qbayes, max relative difference {rel:.2e}")
+        if rel > 1e-4:
+            raise QBayesError(f"the exported model disagrees with qbayes (relative difference {rel:.2e} > 1e-4)")
     return 0
 
 

@@ -115,3 +115,17 @@ def test_generate_prints_text_and_speed(model_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert re.search(r"tokens/s", text)
     assert main(["generate", str(tmp_path / "nothing"), "x"]) == 2
+
+
+def test_export_onnx_command(model_dir, tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(model_dir), "--method", "rtn", "--group-size", "32", "--no-eval",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "14 layers as MatMulNBits" in text and "max relative difference" in text
+    assert (out / "model.onnx").stat().st_size > 0
+    assert main(["export", str(out), "--to", "gguf"]) == 2
