@@ -2,8 +2,8 @@
 
 Protocol: for each shape (K inputs, N outputs), bit-width (group size 64, asymmetric, float16
 scales) and batch M, a random weight is quantized (RTN) into a QuantLinear; its forward (the
-path QuantLinear picks at that batch: the packed CPU kernel for few rows, dequantize-then-GEMM
-for many), torch.nn.functional.linear with the fp32 weight, and ONNX Runtime's MatMulNBits on
+path QuantLinear picks at that batch: the packed CPU kernel for up to 8 rows, dequantized weight
+tiles times the BLAS GEMM for more), torch.nn.functional.linear with the fp32 weight, and ONNX Runtime's MatMulNBits on
 the same packed codes and scales are timed in interleaved rounds (each round times a loop long
 enough to last >= 30 ms and records the per-call time); reported: the median over rounds.
 Same process, same threads for torch and ONNX Runtime.

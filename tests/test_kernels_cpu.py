@@ -50,8 +50,10 @@ def test_quantlinear_dispatch_and_fallbacks():
     x = torch.randn(2, 3, 256)
     with torch.no_grad():
         _check(ql(x).reshape(-1, 48), x.reshape(-1, 256), ql, ql.bias.float())
-        big = torch.randn(64, 256)  # many rows: dequantize-then-matmul
-        torch.testing.assert_close(ql(big), torch.nn.functional.linear(big, Wd, ql.bias.float()))
+        big = torch.randn(64, 256)  # many rows: dequantized tiles x GEMM
+        _check(ql(big), big, ql, ql.bias.float())
+        for tile in (1, 7, 48, 100):
+            _check(cpu.qgemm_tiled(big, ql.qweight, ql.scales, ql.qzeros, 4, 64, tile), big, ql)
     q3 = _layer(3, 64, False, 256, 8, 1)  # 3-bit: not a kernel layout, reference path
     assert not cpu.supports(3, 256, 64, torch.float16)
     x1 = torch.randn(1, 256)

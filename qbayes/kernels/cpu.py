@@ -72,6 +72,15 @@ def dequant(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | 
     return mod.dequant(qweight, scales, qzeros, bits, in_features, group_cols)
 
 
+def qgemm_tiled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+                bits: int, group_cols: int, tile: int = 256) -> torch.Tensor:
+    """Many rows: dequantize ``tile`` weight rows at a time into a reused buffer, BLAS GEMM each."""
+    mod = _module()
+    if mod is None:
+        raise RuntimeError("the CPU packed-weight kernel is not available (see qbayes.kernels.cpu.available())")
+    return mod.qgemm_tiled(x.contiguous(), qweight, scales, qzeros, bits, group_cols, tile)
+
+
 def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
           bits: int, group_cols: int) -> torch.Tensor:
     """``x (M, K) float32 @ W.T`` with ``W`` the packed weight; returns ``(M, N)`` float32."""

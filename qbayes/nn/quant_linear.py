@@ -19,8 +19,8 @@ from ..kernels import cpu as cpu_kernel
 from ..kernels import dequantize_packed, linear
 from ..spec import QuantSpec
 
-# rows of activations up to which the packed CPU kernel beats dequantize-then-matmul (bench/kernels.py)
-CPU_KERNEL_MAX_ROWS = 16
+# rows of activations up to which the packed CPU kernel beats dequantized tiles x GEMM (bench/kernels.py)
+CPU_KERNEL_MAX_ROWS = 8
 
 
 class QuantLinear(nn.Module):
@@ -81,18 +81,19 @@ class QuantLinear(nn.Module):
             from ..export.onnx import export_forward
             return export_forward(self, x)
         if self._fast_cpu(x):
-            y = cpu_kernel.qgemm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.qzeros,
-                                 self.spec.bits, self.group_cols)
+            x2 = x.reshape(-1, self.in_features)
+            kernel = cpu_kernel.qgemm if x2.shape[0] <= CPU_KERNEL_MAX_ROWS else cpu_kernel.qgemm_tiled
+            y = kernel(x2, self.qweight, self.scales, self.qzeros, self.spec.bits, self.group_cols)
             if self.bias is not None:
                 y += self.bias
             return y.view(*x.shape[:-1], self.out_features)
         return linear(x, self.dequantize(x.dtype if x.is_floating_point() else torch.float32), self.bias)
 
     def _fast_cpu(self, x: torch.Tensor) -> bool:
-        """Few rows of float32 on the CPU, no autograd, a layout the packed kernel supports: use
-        it (batch-1 decoding is bound by the weight bytes it reads); otherwise the reference
-        dequantize-then-matmul, which is what large batches want anyway."""
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > CPU_KERNEL_MAX_ROWS * self.in_features:
+        """Float32 on the CPU, no autograd, a layout the packed kernels support: few rows go to
+        the packed GEMV/GEMM kernel (decoding is bound by the weight bytes it reads), many rows
+        to dequantized tiles times the BLAS GEMM; everything else to the reference path."""
+        if x.dtype != torch.float32 or x.device.type != "cpu":
             return False
         if x.requires_grad and torch.is_grad_enabled():
             return False

@@ -222,46 +222,100 @@ torch::Tensor qgemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales
 }
 
 
-// Dense float32 (N, K) weight from the packed form (for large batches: dequantize, then GEMM).
+// Dense float32 rows [n0, n1) of the weight from the packed form, into out (row stride K).
 template <int BITS>
-torch::Tensor dequant_impl(const torch::Tensor& qw, const torch::Tensor& sc, const c10::optional<torch::Tensor>& qz,
-                           int64_t K, int64_t gs) {
+void dequant_rows(const uint8_t* qwp, const uint16_t* scp, const uint8_t* qzp, int64_t K, int64_t G, int64_t gs,
+                  int64_t n0, int64_t n1, float* out) {
   constexpr int cpc = 8 / BITS;
-  const int64_t N = qw.size(0), G = sc.size(1), row_bytes = K / cpc, zbytes = (G + cpc - 1) / cpc;
-  auto out = torch::empty({N, K}, torch::kFloat32);
-  const uint8_t* qwp = qw.data_ptr<uint8_t>();
-  const uint16_t* scp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
-  const uint8_t* qzp = qz.has_value() ? qz->data_ptr<uint8_t>() : nullptr;
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    __m256 w[cpc];
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* zrow = qzp ? qzp + n * zbytes : nullptr;
-      float* orow = op + n * K;
-      for (int64_t g = 0; g < G; ++g) {
-        const __m256 s = _mm256_set1_ps(half_to_float(scp[n * G + g]));
-        const __m256 z = _mm256_set1_ps(static_cast<float>(zero_of<BITS>(zrow, static_cast<int>(g))));
-        const uint8_t* p = qwp + n * row_bytes + g * gs / cpc;
-        float* o = orow + g * gs;
-        for (int64_t c = 0; c < gs; c += 8 * cpc) {
-          decode8<BITS>(p + c / cpc, z, s, w);
-          if (BITS == 8) {
-            _mm256_storeu_ps(o + c, w[0]);
-          } else if (BITS == 4) {  // w[0] = codes 0,2,..,14 and w[1] = 1,3,..,15: interleave
-            __m256 a = _mm256_unpacklo_ps(w[0], w[cpc - 1]), b = _mm256_unpackhi_ps(w[0], w[cpc - 1]);
-            _mm256_storeu_ps(o + c, _mm256_permute2f128_ps(a, b, 0x20));
-            _mm256_storeu_ps(o + c + 8, _mm256_permute2f128_ps(a, b, 0x31));
-          } else {
-            alignas(32) float t[8 * cpc];
-            for (int j = 0; j < cpc; ++j) _mm256_store_ps(t + 8 * j, w[j]);
-            for (int i = 0; i < 8; ++i)
-              for (int j = 0; j < cpc; ++j) o[c + i * cpc + j] = t[8 * j + i];
-          }
+  const int64_t row_bytes = K / cpc, zbytes = (G + cpc - 1) / cpc;
+  __m256 w[cpc];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* zrow = qzp ? qzp + n * zbytes : nullptr;
+    float* orow = out + (n - n0) * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 s = _mm256_set1_ps(half_to_float(scp[n * G + g]));
+      const __m256 z = _mm256_set1_ps(static_cast<float>(zero_of<BITS>(zrow, static_cast<int>(g))));
+      const uint8_t* p = qwp + n * row_bytes + g * gs / cpc;
+      float* o = orow + g * gs;
+      for (int64_t c = 0; c < gs; c += 8 * cpc) {
+        decode8<BITS>(p + c / cpc, z, s, w);
+        if (BITS == 8) {
+          _mm256_storeu_ps(o + c, w[0]);
+        } else if (BITS == 4) {  // w[0] = codes 0,2,..,14 and w[1] = 1,3,..,15: interleave
+          __m256 a = _mm256_unpacklo_ps(w[0], w[cpc - 1]), b = _mm256_unpackhi_ps(w[0], w[cpc - 1]);
+          _mm256_storeu_ps(o + c, _mm256_permute2f128_ps(a, b, 0x20));
+          _mm256_storeu_ps(o + c + 8, _mm256_permute2f128_ps(a, b, 0x31));
+        } else {
+          alignas(32) float t[8 * cpc];
+          for (int j = 0; j < cpc; ++j) _mm256_store_ps(t + 8 * j, w[j]);
+          for (int i = 0; i < 8; ++i)
+            for (int j = 0; j < cpc; ++j) o[c + i * cpc + j] = t[8 * j + i];
         }
       }
     }
+  }
+}
+
+struct Packed {
+  const uint8_t* qw;
+  const uint16_t* sc;
+  const uint8_t* qz;
+};
+
+inline Packed packed_ptrs(const torch::Tensor& qw, const torch::Tensor& sc, const c10::optional<torch::Tensor>& qz) {
+  return {qw.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()),
+          qz.has_value() ? qz->data_ptr<uint8_t>() : nullptr};
+}
+
+template <int BITS>
+torch::Tensor dequant_impl(const torch::Tensor& qw, const torch::Tensor& sc, const c10::optional<torch::Tensor>& qz,
+                           int64_t K, int64_t gs) {
+  const int64_t N = qw.size(0), G = sc.size(1);
+  auto out = torch::empty({N, K}, torch::kFloat32);
+  const Packed pk = packed_ptrs(qw, sc, qz);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    dequant_rows<BITS>(pk.qw, pk.sc, pk.qz, K, G, gs, n0, n1, op + n0 * K);
   });
   return out;
+}
+
+// Many rows of x: dequantize a tile of weight rows into a reused buffer and multiply it with
+// the GEMM of the BLAS, tile after tile (no full float weight, no page faults on a fresh one).
+template <int BITS>
+torch::Tensor tiled_impl(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sc,
+                         const c10::optional<torch::Tensor>& qz, int64_t gs, int64_t tile) {
+  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0), G = sc.size(1);
+  auto yT = torch::empty({N, M}, x.options());
+  auto buf = torch::empty({std::min(tile, N), K}, x.options());
+  const Packed pk = packed_ptrs(qw, sc, qz);
+  auto xT = x.t();
+  for (int64_t t0 = 0; t0 < N; t0 += tile) {
+    const int64_t t1 = std::min(N, t0 + tile);
+    float* bp = buf.data_ptr<float>();
+    at::parallel_for(t0, t1, 8, [&](int64_t n0, int64_t n1) {
+      dequant_rows<BITS>(pk.qw, pk.sc, pk.qz, K, G, gs, n0, n1, bp + (n0 - t0) * K);
+    });
+    auto out = yT.narrow(0, t0, t1 - t0);
+    at::mm_out(out, buf.narrow(0, 0, t1 - t0), xT);
+  }
+  return yT.t().contiguous();
+}
+
+torch::Tensor qgemm_tiled(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                          c10::optional<torch::Tensor> qzeros, int64_t bits, int64_t group_size, int64_t tile) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous(), "qweight: contiguous uint8");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales: contiguous float16");
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8");
+  TORCH_CHECK(group_size % 32 == 0 && x.size(1) % group_size == 0, "group size must be a multiple of 32 dividing K");
+  TORCH_CHECK(qweight.size(1) * (8 / bits) == x.size(1), "qweight width does not match K");
+  TORCH_CHECK(tile > 0, "tile must be positive");
+  switch (bits) {
+    case 2: return tiled_impl<2>(x, qweight, scales, qzeros, group_size, tile);
+    case 4: return tiled_impl<4>(x, qweight, scales, qzeros, group_size, tile);
+    default: return tiled_impl<8>(x, qweight, scales, qzeros, group_size, tile);
+  }
 }
 
 torch::Tensor dequant(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> qzeros, int64_t bits,
@@ -285,4 +339,5 @@ torch::Tensor dequant(torch::Tensor qweight, torch::Tensor scales, c10::optional
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "packed low-bit weight GEMM (CPU, AVX2)");
   m.def("dequant", &dequant, "packed low-bit weight to dense float32 (CPU, AVX2)");
+  m.def("qgemm_tiled", &qgemm_tiled, "packed low-bit weight GEMM for many rows: dequantized tiles x BLAS");
 }
