@@ -69,6 +69,10 @@ def plot_pareto(rows: Sequence[Mapping], path: str | Path) -> Path:
         pts.sort()
         ax.plot(*zip(*pts), marker="o", ms=4, label=label, lw=2 if label.startswith("uniform") else 1)
     ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("average code bits per weight (quantized layers)")
     ax.set_ylabel("perplexity (wikitext-2)")
     ax.legend(fontsize=7)
