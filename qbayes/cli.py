@@ -3,7 +3,7 @@
     qbayes quantize            # the embedded default: SmolLM2-135M-Instruct, W4 g64 asym GPTQ
     qbayes quantize --model DIR --bits 3 --group-size 64 --method gptq --act-order --out DIR
     qbayes eval DIR            # perplexity of a saved quantized model
-    qbayes quantize --avg-bits 3.5 --allocate fisher   # mixed precision under a size budget
+    qbayes quantize --avg-bits 3.5 --allocate posterior   # mixed precision under a size budget
     qbayes sensitivity         # per-layer sensitivity table, JSON and PNG
     qbayes uq --method map,laplace-ll   # posteriors of a Fashion-MNIST CNN: accuracy, NLL, ECE, Brier, OOD AUROC
 """
