@@ -30,10 +30,7 @@ log = logging.getLogger(__name__)
 @torch.library.custom_op("qbayes::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
                   bias: torch.Tensor | None, bits: int, group: int, in_features: int, out_features: int) -> torch.Tensor:
-    if bits == 8 and qzeros is not None and qzeros.shape == scales.shape:  # 8-bit: zero-points unpacked already
-        w = (qweight.to(x.dtype) - qzeros.to(x.dtype).repeat_interleave(group, 1)) * scales.to(x.dtype).repeat_interleave(group, 1)
-    else:
-        w = dequantize_packed(qweight, scales, qzeros, bits, in_features, group, x.dtype)
+    w = dequantize_packed(qweight, scales, qzeros, bits, in_features, group, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
