@@ -146,7 +146,8 @@ def write(table: SensitivityTable, configs, state) -> None:
            "correlation": corr, "rows": [r for r in rows if r["method"] == "gptq"], "rtn_rows": [r for r in rows if r["method"] == "rtn"]}
     (RESULTS / "mixed.json").write_text(json.dumps(res, indent=1) + "\n")
     plot_pareto(rows, RESULTS / "mixed_pareto.png")
-    best = max(PREDICTORS, key=lambda c: table.spearman(c, 3)) if has_meas else PREDICTORS[0]
+    at35 = [r for r in rows if r["method"] == "gptq" and r["budget"] == 3.5 and r["criterion"] in PREDICTORS]
+    best = min(at35, key=lambda r: r["ppl"])["criterion"] if at35 else PREDICTORS[0]  # best perplexity at 3.5 bits
     if not has_meas:
         table = SensitivityTable(table.layers, table.sizes, table.shapes, table.bits, table.spec,
                                  {c: v for c, v in table.scores.items() if c != "measured"}, table.info)
