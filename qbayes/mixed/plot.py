@@ -16,6 +16,15 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_sensitivity(table: SensitivityTable, path: str | Path, criterion: str, bits: int = 3,
                      allocation: Mapping[str, int] | None = None) -> Path:
     """Left: bits per layer of ``allocation`` (if given). Right: predicted (``criterion``) vs
@@ -49,12 +58,7 @@ def plot_sensitivity(table: SensitivityTable, path: str | Path, criterion: str, 
         ax.set_ylabel("predicted (criterion units)")
         ax.legend(fontsize=7)
         ax.set_title("predicted vs measured, per layer")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def plot_pareto(rows: Sequence[Mapping], path: str | Path) -> Path:
@@ -77,9 +81,4 @@ def plot_pareto(rows: Sequence[Mapping], path: str | Path) -> Path:
     ax.set_ylabel("perplexity (wikitext-2)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)

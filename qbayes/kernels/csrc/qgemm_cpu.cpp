@@ -68,7 +68,7 @@ inline void codes32(const uint8_t* p, __m256* w) {
 
 // y[m, n] = sum_g s_ng (sum_{k in g} c_nk x_mk - z_ng xsum_mg): the scale and zero-point leave
 // the inner loop, which is then one shift/and/convert and one FMA per 8 weights. Independent
-// accumulators (4 for one row of x, a tile of up to 8 rows otherwise) keep the FMA pipes busy
+// accumulators (a tile of up to 8 rows of x) keep the FMA pipes busy
 // instead of waiting on one dependency chain.
 // One row of x (decoding): per weight row, the scales are converted 8 at a time and the
 // zero-point correction sum_g s z xsum_g is taken once, so a group costs its decode/FMA loop, one
@@ -125,20 +125,7 @@ void gemm_rows(const float* xp, const float* xsum, int64_t M, int64_t K, const u
       const float sz = s * static_cast<float>(zero_of<BITS>(zrow, static_cast<int>(g)));
       const __m256 sv = _mm256_set1_ps(s);
       const uint8_t* p = row + g * gs / cpc;
-      if (M == 1) {
-        const float* xg = xp + g * gs;
-        __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
-        for (int64_t c = 0; c < gs; c += 32) {
-          __m256 w[4];
-          codes32<BITS>(p + c / cpc, w);
-          d0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xg + c), d0);
-          d1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xg + c + 8), d1);
-          d2 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xg + c + 16), d2);
-          d3 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xg + c + 24), d3);
-        }
-        acc[0] = _mm256_fmadd_ps(sv, _mm256_add_ps(_mm256_add_ps(d0, d1), _mm256_add_ps(d2, d3)), acc[0]);
-        corr[0] += sz * xsum[g];
-      } else {
+      {  // M > 1 (one row goes to gemv_rows)
         for (int64_t c = 0; c < gs; c += 32) codes32<BITS>(p + c / cpc, &wbuf[c / 8]);
         const int64_t nv = gs / 8;
         int64_t m = 0;
