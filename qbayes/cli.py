@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from . import cli_mixed
@@ -87,12 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
-    x = sub.add_parser("export", help="export a saved quantized model for another runtime (ONNX Runtime)")
+    x = sub.add_parser("export", help="export a saved quantized model for another runtime (ONNX Runtime, llama.cpp)")
     x.add_argument("path", help="folder written by 'qbayes quantize'")
     x.add_argument("--to", default="onnx", choices=["onnx", "gguf"], help="target format (default onnx)")
-    x.add_argument("--out", help="output file (default PATH/model.onnx)")
+    x.add_argument("--out", help="output file (default PATH/model.onnx or PATH/model.gguf)")
     x.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the export in ONNX Runtime on a few windows and compare logits (default on)")
+                   help="onnx: run the export in ONNX Runtime on a few windows and compare logits (default on)")
+    x.add_argument("--template", help="gguf: copy the tokenizer metadata from this GGUF file "
+                   "(default: build it from PATH/tokenizer.json)")
+    x.add_argument("--float-type", default="f16", choices=["f32", "f16", "q8_0"],
+                   help="gguf: storage of float matrices such as the embeddings (default f16)")
+    x.add_argument("--fallback", default="q8_0", choices=["f32", "f16", "q8_0"],
+                   help="gguf: storage of packed layers no ggml type holds exactly (default q8_0)")
 
     k = sub.add_parser("bench-kernels", help="time packed low-bit linear layers against fp32 on this machine")
     k.add_argument("--shapes", default="smollm2", choices=["smollm2", "large", "all"],
@@ -260,11 +267,11 @@ def _export(args) -> int:
 
     from .io import load_quantized
 
+    model, _ = load_quantized(args.path)
     if args.to == "gguf":
-        raise QBayesError("GGUF export is not implemented yet; use --to onnx")
+        return _export_gguf(args, model)
     from .export import export_onnx
 
-    model, _ = load_quantized(args.path)
     out = Path(args.out) if args.out else Path(args.path) / "model.onnx"
     report = export_onnx(model, out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {report['MatMulNBits']} layers as MatMulNBits, "
@@ -282,6 +289,26 @@ def _export(args) -> int:
         print(f"check: ONNX Runtime logits vs qbayes, max relative difference {rel:.2e}")
         if rel > 1e-4:
             raise QBayesError(f"the exported model disagrees with qbayes (relative difference {rel:.2e} > 1e-4)")
+    return 0
+
+
+def _export_gguf(args, model) -> int:
+    from .export.gguf import export_gguf
+
+    out = Path(args.out) if args.out else Path(args.path) / "model.gguf"
+    rep = export_gguf(model, out, tokenizer_dir=args.path, template=args.template,
+                      float_type=args.float_type, fallback=args.fallback)
+    kinds = Counter(rep["exact"].values())
+    print(f"wrote {out} ({rep['bytes'] / 1e6:.1f} MB, mostly {rep['file_type']}): "
+          + ", ".join(f"{n} layers as {k} without requantizing" for k, n in sorted(kinds.items()))
+          + (f"; Q4_1's float16 block minimum moves weights by at most {rep['q4_1_max_abs_dw']:.2e}"
+             if "Q4_1" in kinds else ""))
+    if rep["converted"]:
+        why = Counter(w for _, w in rep["converted"].values())
+        for w, n in why.items():
+            print(f"converted {n} layers to {args.fallback.upper()} ({w})")
+    for note in rep["notes"]:
+        print(f"note: {note}")
     return 0
 
 

@@ -128,4 +128,21 @@ def test_export_onnx_command(model_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "14 layers as MatMulNBits" in text and "max relative difference" in text
     assert (out / "model.onnx").stat().st_size > 0
-    assert main(["export", str(out), "--to", "gguf"]) == 2
+
+
+def test_export_gguf_command(model_dir, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(model_dir), "--method", "rtn", "--group-size", "32", "--no-eval",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--to", "gguf"]) == 0
+    text = capsys.readouterr().out
+    assert "14 layers as Q4_1 without requantizing" in text and "note: tokenizer built" in text
+    assert (out / "model.gguf").stat().st_size > 0
+    assert main(["quantize", "--model", str(model_dir), "--method", "rtn", "--bits", "3", "--group-size", "32",
+                 "--no-eval", "--out", str(tmp_path / "q3")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "q3"), "--to", "gguf", "--fallback", "f16", "--out", str(tmp_path / "x.gguf")]) == 0
+    assert "converted 14 layers to F16 (W3 group-32 asym has no ggml block type)" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "q3"), "--to", "gguf", "--template", str(tmp_path / "none.gguf")]) == 2
