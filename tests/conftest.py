@@ -1,8 +1,14 @@
 import os
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+# Triton reads TRITON_INTERPRET when its own modules are imported (torch and transformers import
+# it), so on a machine without an NVIDIA GPU the interpreter is switched on before anything else:
+# the Triton kernels are then tested on the CPU (tests/test_kernels_triton.py).
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM  # noqa: E402
 
 VOCAB = 96
 # The tiny-model end-to-end tests also run on a GPU: QBAYES_TEST_DEVICE=cuda python -m pytest tests/test_end_to_end.py

@@ -21,6 +21,8 @@ from ..spec import QuantSpec
 
 # rows of activations up to which the packed CPU kernel beats dequantized tiles x GEMM (bench/kernels.py)
 CPU_KERNEL_MAX_ROWS = 8
+# rows up to which the fused Triton kernel is used on a GPU; more rows: Triton dequantize + cuBLAS
+GPU_KERNEL_MAX_ROWS = 16
 
 
 class QuantLinear(nn.Module):
@@ -80,6 +82,18 @@ class QuantLinear(nn.Module):
         if "_export" in self.__dict__:  # being traced by qbayes.export.export_onnx
             from ..export.onnx import export_forward
             return export_forward(self, x)
+        if x.is_cuda and self._fast_cuda(x):
+            from ..kernels import triton_kernels as tk
+
+            x2 = x.reshape(-1, self.in_features)
+            if x2.shape[0] <= GPU_KERNEL_MAX_ROWS:
+                y = tk.qlinear(x2, self.qweight, self.scales, self.qzeros, self.bias, self.spec.bits,
+                               self.in_features, self.group_cols)
+            else:
+                w = tk.dequant(self.qweight, self.scales, self.qzeros, self.spec.bits, self.in_features,
+                               self.group_cols, x.dtype)
+                y = linear(x2, w, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
         if self._fast_cpu(x):
             x2 = x.reshape(-1, self.in_features)
             kernel = cpu_kernel.qgemm if x2.shape[0] <= CPU_KERNEL_MAX_ROWS else cpu_kernel.qgemm_tiled
@@ -101,6 +115,17 @@ class QuantLinear(nn.Module):
         if ok is None:  # the layout never changes: decide once
             ok = self._kernel_ok = (cpu_kernel.supports(self.spec.bits, self.in_features, self.group_cols,
                                                         self.scales.dtype) and cpu_kernel.available())
+        return ok
+
+    def _fast_cuda(self, x: torch.Tensor) -> bool:
+        """Floating activations on a CUDA device, no autograd, Triton importable: the Triton kernels."""
+        if not x.is_floating_point() or (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        ok = self.__dict__.get("_triton_ok")
+        if ok is None:
+            from ..kernels import triton_kernels as tk
+
+            ok = self._triton_ok = tk.available() and self.qweight.is_contiguous()
         return ok
 
     def storage_bytes(self) -> int:

@@ -1,0 +1,91 @@
+"""Triton kernels against the reference path: on a GPU when there is one, else on the CPU under
+Triton's interpreter (``TRITON_INTERPRET=1``, set here before Triton compiles anything)."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from qbayes import QuantSpec  # noqa: E402
+from qbayes.formats import pack, packed_length  # noqa: E402
+from qbayes.kernels import dequantize_packed  # noqa: E402
+from qbayes.kernels import triton_kernels as tk  # noqa: E402
+from qbayes.nn import QuantLinear  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+def _interpreter_consistent() -> bool:
+    """Under the interpreter, Triton's own library functions must have been built interpreted too
+    (TRITON_INTERPRET set before Triton was first imported: see conftest.py)."""
+    if DEV == "cuda":
+        return True
+    import triton.language as tl
+    return type(tl.zeros).__name__ != "JITFunction"
+
+
+pytestmark = pytest.mark.skipif(not (tk.available() and _interpreter_consistent()),
+                                reason="no CUDA device, and Triton's interpreter was not enabled before import")
+
+
+def _packed(bits, N, K, gs, symmetric, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (N, K), generator=g)
+    scales = (torch.rand(N, K // gs, generator=g) * 0.1 + 1e-3).half()
+    qzeros = None if symmetric else pack(torch.randint(0, 1 << bits, (N, K // gs), generator=g), bits)
+    return pack(codes, bits), scales, qzeros
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bits=st.sampled_from([2, 3, 4, 5, 8]), n=st.integers(1, 70), kg=st.integers(1, 3),
+       gs=st.sampled_from([8, 16, 32]), m=st.sampled_from([1, 2, 3, 5, 16, 19]), symmetric=st.booleans(),
+       bias=st.booleans(), seed=st.integers(0, 10**6))
+def test_triton_matches_reference(bits, n, kg, gs, m, symmetric, bias, seed):
+    K = kg * gs * 2
+    qw, sc, qz = _packed(bits, n, K, gs, symmetric, seed)
+    assert qw.shape[1] == packed_length(K, bits)
+    ref_w = dequantize_packed(qw, sc, qz, bits, K, gs)
+    w = tk.dequant(qw.to(DEV), sc.to(DEV), None if qz is None else qz.to(DEV), bits, K, gs).cpu()
+    assert torch.equal(w, ref_w)  # same float32 arithmetic: bit-identical
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(seed + 1))
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 2)) if bias else None
+    y = tk.qlinear(x.to(DEV), qw.to(DEV), sc.to(DEV), None if qz is None else qz.to(DEV),
+                   None if b is None else b.to(DEV), bits, K, gs).cpu()
+    ref = (x.double() @ ref_w.double().T + (0 if b is None else b.double())).float()
+    scale = (x.double().abs() @ ref_w.double().abs().T).max().item() + 1e-6
+    assert (y - ref).abs().max().item() <= 1e-5 * scale
+
+
+def test_triton_dequant_in_half_dtypes():
+    qw, sc, qz = _packed(4, 48, 128, 32, False, 0)
+    ref = dequantize_packed(qw, sc, qz, 4, 128, 32)
+    for dt in (torch.float16, torch.bfloat16):
+        w = tk.dequant(qw.to(DEV), sc.to(DEV), qz.to(DEV), 4, 128, 32, dt).cpu()
+        assert w.dtype == dt and torch.equal(w, ref.to(dt))  # one rounding of the exact float32 value
+
+
+def test_quantlinear_dispatches_to_triton_on_cuda():
+    if DEV != "cuda":
+        pytest.skip("the CUDA dispatch needs a GPU")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=True)
+    from qbayes.algorithms import rtn
+    spec = QuantSpec(bits=4, group_size=64)
+    q = QuantLinear.from_quantized(rtn(lin.weight.data, spec), spec, lin.bias.data).cuda()
+    for m in (1, 7, 300):
+        x = torch.randn(m, 256, device="cuda")
+        ref = torch.nn.functional.linear(x.double(), q.dequantize().double(), q.bias.double()).float()
+        assert (q(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_bad_layouts_are_refused():
+    qw, sc, qz = _packed(4, 8, 64, 32, True, 0)
+    with pytest.raises(ValueError, match="bit-width"):
+        tk.dequant(qw, sc, qz, 9, 64, 32)
+    with pytest.raises(ValueError, match="group size"):
+        tk.dequant(qw, sc, qz, 4, 64, 48)
