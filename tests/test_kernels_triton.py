@@ -76,7 +76,7 @@ def test_quantlinear_dispatches_to_triton_on_cuda():
     lin = torch.nn.Linear(256, 96, bias=True)
     from qbayes.algorithms import rtn
     spec = QuantSpec(bits=4, group_size=64)
-    q = QuantLinear.from_quantized(rtn(lin.weight.data, spec), spec, lin.bias.data).cuda()
+    q = QuantLinear.from_quantized(rtn(lin.weight.data, None, spec), spec, lin.bias.data).cuda()
     for m in (1, 7, 300):
         x = torch.randn(m, 256, device="cuda")
         ref = torch.nn.functional.linear(x.double(), q.dequantize().double(), q.bias.double()).float()
