@@ -40,8 +40,9 @@ def test_kernel_matches_reference(bits, sym, groups, gmul, N, M, seed, per_chann
     K = group * groups
     ql = _layer(bits, -1 if per_channel else group, sym, K, N, seed)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed + 1))
-    y = cpu.qgemm(x, ql.qweight, ql.scales, ql.qzeros, bits, ql.group_cols)
-    _check(y, x, ql)
+    with_bias = seed % 2 == 0
+    y = cpu.qgemm(x, ql.qweight, ql.scales, ql.qzeros, bits, ql.group_cols, ql.bias if with_bias else None)
+    _check(y, x, ql, ql.bias.float() if with_bias else None)
 
 
 def test_quantlinear_dispatch_and_fallbacks():

@@ -82,9 +82,11 @@ def qgemm_tiled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
 
 
 def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
-          bits: int, group_cols: int) -> torch.Tensor:
-    """``x (M, K) float32 @ W.T`` with ``W`` the packed weight; returns ``(M, N)`` float32."""
+          bits: int, group_cols: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (M, K) float32 @ W.T (+ bias)`` with ``W`` the packed weight; returns ``(M, N)`` float32."""
     mod = _module()
     if mod is None:
         raise RuntimeError("the CPU packed-weight kernel is not available (see qbayes.kernels.cpu.available())")
-    return mod.qgemm(x.contiguous(), qweight, scales, qzeros, bits, group_cols)
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    return mod.qgemm(x.contiguous(), qweight, scales, qzeros, bits, group_cols, bias)

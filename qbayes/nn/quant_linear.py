@@ -96,10 +96,14 @@ class QuantLinear(nn.Module):
             return y.view(*x.shape[:-1], self.out_features)
         if self._fast_cpu(x):
             x2 = x.reshape(-1, self.in_features)
-            kernel = cpu_kernel.qgemm if x2.shape[0] <= CPU_KERNEL_MAX_ROWS else cpu_kernel.qgemm_tiled
-            y = kernel(x2, self.qweight, self.scales, self.qzeros, self.spec.bits, self.group_cols)
-            if self.bias is not None:
-                y += self.bias
+            if x2.shape[0] <= CPU_KERNEL_MAX_ROWS:  # the bias is added inside the kernel
+                y = cpu_kernel.qgemm(x2, self.qweight, self.scales, self.qzeros, self.spec.bits, self.group_cols,
+                                     self.bias)
+            else:
+                y = cpu_kernel.qgemm_tiled(x2, self.qweight, self.scales, self.qzeros, self.spec.bits,
+                                           self.group_cols)
+                if self.bias is not None:
+                    y += self.bias
             return y.view(*x.shape[:-1], self.out_features)
         return linear(x, self.dequantize(x.dtype if x.is_floating_point() else torch.float32), self.bias)
 

@@ -55,7 +55,9 @@ inline void codes8(const uint8_t* p, __m256* out) {
   __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 #pragma GCC unroll 4
   for (int j = 0; j < cpc; ++j)
-    out[j] = _mm256_cvtepi32_ps(BITS == 8 ? b : _mm256_and_si256(_mm256_srli_epi32(b, j * BITS), mask));
+    out[j] = _mm256_cvtepi32_ps(BITS == 8 ? b
+                                : j == cpc - 1 ? _mm256_srli_epi32(b, j * BITS)  // top field: no mask needed
+                                               : _mm256_and_si256(_mm256_srli_epi32(b, j * BITS), mask));
 }
 
 // 32 codes (32*BITS/8 bytes) as 4 vectors of 8 float codes, in xp order.
@@ -163,21 +165,28 @@ void gemm_rows(const float* xp, const float* xsum, int64_t M, int64_t K, const u
 
 template <int BITS>
 torch::Tensor run(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sc,
-                  const c10::optional<torch::Tensor>& qz, int64_t gs) {
+                  const c10::optional<torch::Tensor>& qz, const c10::optional<torch::Tensor>& bias, int64_t gs) {
   constexpr int cpc = 8 / BITS;
   const int64_t M = x.size(0), K = x.size(1), N = qw.size(0), G = sc.size(1);
   const int64_t chunk = 8 * cpc;
-  // permute x so that each 8-byte load's j-th bit-field meets its activations contiguously
-  auto xp_t = torch::empty_like(x);
+  // permute x so that each 8-byte load's j-th bit-field meets its activations contiguously, and
+  // sum it per group (for the zero-points); plain buffers: no ATen dispatch on this hot path
+  thread_local std::vector<float> xp_buf, xsum_buf;
+  xp_buf.resize(M * K);
+  xsum_buf.resize(M * G);
   const float* xs = x.data_ptr<float>();
-  float* xp = xp_t.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
+  float* xp = xp_buf.data();
+  for (int64_t m = 0; m < M; ++m) {
     for (int64_t c = 0; c < K; c += chunk)
       for (int j = 0; j < cpc; ++j)
         for (int i = 0; i < 8; ++i) xp[m * K + c + j * 8 + i] = xs[m * K + c + i * cpc + j];
-  const int64_t G_ = sc.size(1);
-  auto xsum_t = x.view({M, G_, gs}).sum(-1).contiguous();  // per-group sums of x, for the zero-points
-  const float* xsum = xsum_t.data_ptr<float>();
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(xs + m * K + k));
+      xsum_buf[m * G + g] = hsum(a);
+    }
+  }
+  const float* xsum = xsum_buf.data();
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* qwp = qw.data_ptr<uint8_t>();
   const uint16_t* scp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
@@ -187,11 +196,17 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& qw, const torch::
     if (M == 1) gemv_rows<BITS>(xp, xsum, K, qwp, scp, qzp, G, gs, yp, n0, n1);
     else gemm_rows<BITS>(xp, xsum, M, K, qwp, scp, qzp, G, gs, yp, N, n0, n1);
   });
+  if (bias.has_value()) {
+    const float* bp = bias->data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] += bp[n];
+  }
   return y;
 }
 
 torch::Tensor qgemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                    c10::optional<torch::Tensor> qzeros, int64_t bits, int64_t group_size) {
+                    c10::optional<torch::Tensor> qzeros, int64_t bits, int64_t group_size,
+                    c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
   TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous(), "qweight: contiguous uint8");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales: contiguous float16");
@@ -201,10 +216,13 @@ torch::Tensor qgemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales
   TORCH_CHECK(qweight.size(1) * cpc == K, "qweight width does not match K");
   TORCH_CHECK(scales.size(0) == qweight.size(0) && scales.size(1) == K / group_size, "scales shape");
   if (qzeros.has_value()) TORCH_CHECK(qzeros->scalar_type() == torch::kUInt8 && qzeros->is_contiguous(), "qzeros: uint8");
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == qweight.size(0),
+                "bias: contiguous float32 (N,)");
   switch (bits) {
-    case 2: return run<2>(x, qweight, scales, qzeros, group_size);
-    case 4: return run<4>(x, qweight, scales, qzeros, group_size);
-    default: return run<8>(x, qweight, scales, qzeros, group_size);
+    case 2: return run<2>(x, qweight, scales, qzeros, bias, group_size);
+    case 4: return run<4>(x, qweight, scales, qzeros, bias, group_size);
+    default: return run<8>(x, qweight, scales, qzeros, bias, group_size);
   }
 }
 
