@@ -33,7 +33,7 @@ def _check(y, x, ql, bias=None):
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), sym=st.booleans(), groups=st.integers(1, 4), gmul=st.integers(1, 3),
+@given(bits=st.sampled_from([2, 4, 8]), sym=st.booleans(), groups=st.integers(1, 4), gmul=st.integers(1, 4),
        N=st.integers(1, 40), M=st.integers(1, 20), seed=st.integers(0, 10_000), per_channel=st.booleans())
 def test_kernel_matches_reference(bits, sym, groups, gmul, N, M, seed, per_channel):
     group = 32 * gmul
@@ -74,7 +74,7 @@ def test_kernel_rejects_bad_layouts():
 
 
 @settings(max_examples=40, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), sym=st.booleans(), groups=st.integers(1, 4), gmul=st.integers(1, 3),
+@given(bits=st.sampled_from([2, 4, 8]), sym=st.booleans(), groups=st.integers(1, 4), gmul=st.integers(1, 4),
        N=st.integers(1, 40), seed=st.integers(0, 10_000))
 def test_fast_dequantize_is_bit_identical(bits, sym, groups, gmul, N, seed):
     from qbayes.kernels import dequantize_packed

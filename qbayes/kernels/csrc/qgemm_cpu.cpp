@@ -75,12 +75,15 @@ inline void codes32(const uint8_t* p, __m256* w) {
 // One row of x (decoding): per weight row, the scales are converted 8 at a time and the
 // zero-point correction sum_g s z xsum_g is taken once, so a group costs its decode/FMA loop, one
 // horizontal-free reduction of 4 accumulators and one FMA into the row's accumulator.
-template <int BITS>
+template <int BITS, int GS_FIXED>
 void gemv_rows(const float* xp, const float* xsum, int64_t K, const uint8_t* qw, const uint16_t* sc,
-               const uint8_t* qz, int64_t G, int64_t gs, float* y, int64_t n0, int64_t n1) {
+               const uint8_t* qz, int64_t G, int64_t gs_runtime, float* y, int64_t n0, int64_t n1) {
+  // GS_FIXED > 0: the group size is a compile-time constant and the code loop unrolls fully
   constexpr int cpc = 8 / BITS;
+  const int64_t gs = GS_FIXED > 0 ? GS_FIXED : gs_runtime;
   const int64_t row_bytes = K / cpc, zbytes = (G + cpc - 1) / cpc;
-  std::vector<float> sbuf(G + 8);
+  thread_local std::vector<float> sbuf;
+  sbuf.resize(G + 8);
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* srow = sc + n * G;
     int64_t g8 = 0;
@@ -96,6 +99,7 @@ void gemv_rows(const float* xp, const float* xsum, int64_t K, const uint8_t* qw,
       const uint8_t* p = row + g * gs / cpc;
       const float* xg = xp + g * gs;
       __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
+#pragma GCC unroll 4
       for (int64_t c = 0; c < gs; c += 32) {
         __m256 w[4];
         codes32<BITS>(p + c / cpc, w);
@@ -107,6 +111,17 @@ void gemv_rows(const float* xp, const float* xsum, int64_t K, const uint8_t* qw,
       acc = _mm256_fmadd_ps(_mm256_set1_ps(sbuf[g]), _mm256_add_ps(_mm256_add_ps(d0, d1), _mm256_add_ps(d2, d3)), acc);
     }
     y[n] = hsum(acc) - corr;
+  }
+}
+
+template <int BITS>
+void gemv_dispatch(const float* xp, const float* xsum, int64_t K, const uint8_t* qw, const uint16_t* sc,
+                   const uint8_t* qz, int64_t G, int64_t gs, float* y, int64_t n0, int64_t n1) {
+  switch (gs) {
+    case 32: return gemv_rows<BITS, 32>(xp, xsum, K, qw, sc, qz, G, gs, y, n0, n1);
+    case 64: return gemv_rows<BITS, 64>(xp, xsum, K, qw, sc, qz, G, gs, y, n0, n1);
+    case 128: return gemv_rows<BITS, 128>(xp, xsum, K, qw, sc, qz, G, gs, y, n0, n1);
+    default: return gemv_rows<BITS, 0>(xp, xsum, K, qw, sc, qz, G, gs, y, n0, n1);
   }
 }
 
@@ -193,7 +208,7 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& qw, const torch::
   const uint8_t* qzp = qz.has_value() ? qz->data_ptr<uint8_t>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    if (M == 1) gemv_rows<BITS>(xp, xsum, K, qwp, scp, qzp, G, gs, yp, n0, n1);
+    if (M == 1) gemv_dispatch<BITS>(xp, xsum, K, qwp, scp, qzp, G, gs, yp, n0, n1);
     else gemm_rows<BITS>(xp, xsum, M, K, qwp, scp, qzp, G, gs, yp, N, n0, n1);
   });
   if (bias.has_value()) {
