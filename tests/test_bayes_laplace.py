@@ -161,6 +161,11 @@ def test_errors():
         Laplace(model, "classification", structure="block")
     with pytest.raises(QBayesError, match="fit"):
         Laplace(model, "classification").sample(2)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(QBayesError, match="sigma_noise must be a positive"):
+            Laplace(model, "regression", sigma_noise=bad)
+    with pytest.raises(QBayesError, match="prior_precision must be a positive"):
+        Laplace(model, "classification", prior_precision=float("inf"))
     with pytest.raises(QBayesError, match="empty"):
         Laplace(model, "classification", structure="diag").fit([])
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).double()

@@ -42,6 +42,9 @@ class Laplace:
         self.model, self.likelihood, self.subset, self.structure_name, self.fisher = model, likelihood, subset, structure, fisher
         self.prior_precision = float(prior_precision)
         self.sigma_noise = float(sigma_noise)
+        for what, v in (("prior_precision", self.prior_precision), ("sigma_noise", self.sigma_noise)):
+            if not (math.isfinite(v) and v > 0):
+                raise QBayesError(f"{what} must be a positive finite number, not {v!r}")
         if subset == "last_layer":
             linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
             if not linears:
