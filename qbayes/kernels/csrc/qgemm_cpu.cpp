@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -32,6 +33,34 @@ inline int zero_of(const uint8_t* qz_row, int g) {
   if (qz_row == nullptr) return 1 << (BITS - 1);
   constexpr int cpc = 8 / BITS;
   return (qz_row[g / cpc] >> (BITS * (g % cpc))) & ((1 << BITS) - 1);
+}
+
+// Zero-points of the 8 groups g8..g8+7 (g8 a multiple of 8) of a packed row, in natural order:
+// each byte is repeated once per code it holds, then every lane shifts its own field down.
+template <int BITS>
+inline __m256 zeros8(const uint8_t* zrow, int64_t g8) {
+  constexpr int cpc = 8 / BITS;
+  const uint8_t* p = zrow + g8 / cpc;
+  __m128i v;
+  if (BITS == 8) {
+    v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  } else if (BITS == 4) {
+    uint32_t w;
+    std::memcpy(&w, p, 4);
+    v = _mm_unpacklo_epi8(_mm_cvtsi32_si128(static_cast<int>(w)), _mm_cvtsi32_si128(static_cast<int>(w)));
+  } else {
+    uint16_t w;
+    std::memcpy(&w, p, 2);
+    v = _mm_cvtsi32_si128(w);
+    v = _mm_unpacklo_epi8(v, v);
+    v = _mm_unpacklo_epi8(v, v);
+  }
+  __m256i b = _mm256_cvtepu8_epi32(v);
+  if (BITS != 8) {
+    const __m256i sh = BITS == 4 ? _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4) : _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    b = _mm256_and_si256(_mm256_srlv_epi32(b, sh), _mm256_set1_epi32((1 << BITS) - 1));
+  }
+  return _mm256_cvtepi32_ps(b);
 }
 
 // Decode 8 bytes (8*cpc codes) into cpc vectors of 8 floats: (code - z) * s, in xp order.
@@ -91,8 +120,15 @@ void gemv_rows(const float* xp, const float* xsum, int64_t K, const uint8_t* qw,
       _mm256_storeu_ps(&sbuf[g8], _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + g8))));
     for (; g8 < G; ++g8) sbuf[g8] = half_to_float(srow[g8]);
     const uint8_t* zrow = qz ? qz + n * zbytes : nullptr;
-    float corr = 0.f;
-    for (int64_t g = 0; g < G; ++g) corr += sbuf[g] * static_cast<float>(zero_of<BITS>(zrow, static_cast<int>(g))) * xsum[g];
+    // zero-point correction sum_g s_g z_g xsum_g, 8 groups per step
+    __m256 cv = _mm256_setzero_ps();
+    int64_t g0 = 0;
+    for (; g0 + 8 <= G; g0 += 8) {
+      const __m256 z8 = zrow ? zeros8<BITS>(zrow, g0) : _mm256_set1_ps(static_cast<float>(1 << (BITS - 1)));
+      cv = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(&sbuf[g0]), z8), _mm256_loadu_ps(xsum + g0), cv);
+    }
+    float corr = hsum(cv);
+    for (; g0 < G; ++g0) corr += sbuf[g0] * static_cast<float>(zero_of<BITS>(zrow, static_cast<int>(g0))) * xsum[g0];
     const uint8_t* row = qw + n * row_bytes;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
