@@ -72,12 +72,28 @@ def dequant(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | 
     return mod.dequant(qweight, scales, qzeros, bits, in_features, group_cols)
 
 
+# Weight rows per tile (bench: 4096/14336 shapes at batch 256, tiles of 64..1024 rows): a small
+# weight is dequantized whole (one GEMM, as F.linear); a large one in tiles of 512 rows, fewer
+# for very wide inputs so the reused buffer stays under 32 MB.
+WHOLE_FLOATS = 1 << 21
+MAX_TILE_FLOATS = 1 << 23
+
+
+def default_tile(out_features: int, in_features: int) -> int:
+    """Weight rows per tile of :func:`qgemm_tiled`."""
+    if out_features * in_features <= WHOLE_FLOATS:
+        return out_features
+    return max(128, min(512, MAX_TILE_FLOATS // in_features // 8 * 8))
+
+
 def qgemm_tiled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
-                bits: int, group_cols: int, tile: int = 256) -> torch.Tensor:
+                bits: int, group_cols: int, tile: int | None = None) -> torch.Tensor:
     """Many rows: dequantize ``tile`` weight rows at a time into a reused buffer, BLAS GEMM each."""
     mod = _module()
     if mod is None:
         raise RuntimeError("the CPU packed-weight kernel is not available (see qbayes.kernels.cpu.available())")
+    if tile is None:
+        tile = default_tile(qweight.shape[0], x.shape[-1])
     return mod.qgemm_tiled(x.contiguous(), qweight, scales, qzeros, bits, group_cols, tile)
 
 

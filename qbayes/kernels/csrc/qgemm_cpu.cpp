@@ -336,15 +336,31 @@ torch::Tensor dequant_impl(const torch::Tensor& qw, const torch::Tensor& sc, con
   return out;
 }
 
+// A float32 buffer reused across calls on this thread: a fresh multi-MB allocation is mapped
+// anew by malloc and costs a page fault per 4 KB, more than dequantizing into it.
+inline torch::Tensor scratch(int64_t n) {
+  thread_local torch::Tensor buf;
+  if (!buf.defined() || buf.numel() < n) buf = torch::empty({n}, torch::kFloat32);
+  return buf.narrow(0, 0, n);
+}
+
 // Many rows of x: dequantize a tile of weight rows into a reused buffer and multiply it with
 // the GEMM of the BLAS, tile after tile (no full float weight, no page faults on a fresh one).
 template <int BITS>
 torch::Tensor tiled_impl(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sc,
                          const c10::optional<torch::Tensor>& qz, int64_t gs, int64_t tile) {
   const int64_t M = x.size(0), K = x.size(1), N = qw.size(0), G = sc.size(1);
-  auto yT = torch::empty({N, M}, x.options());
-  auto buf = torch::empty({std::min(tile, N), K}, x.options());
   const Packed pk = packed_ptrs(qw, sc, qz);
+  if (tile >= N) {  // one tile: the whole weight, then the same GEMM as F.linear (x @ W.T)
+    auto w = scratch(N * K).view({N, K});
+    float* wp = w.data_ptr<float>();
+    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+      dequant_rows<BITS>(pk.qw, pk.sc, pk.qz, K, G, gs, n0, n1, wp + n0 * K);
+    });
+    return at::mm(x, w.t());
+  }
+  auto yT = torch::empty({N, M}, x.options());
+  auto buf = scratch(std::min(tile, N) * K).view({std::min(tile, N), K});
   auto xT = x.t();
   for (int64_t t0 = 0; t0 < N; t0 += tile) {
     const int64_t t1 = std::min(N, t0 + tile);
