@@ -4,8 +4,7 @@ Protocol: the first 64 tokens of wikitext-2 test as the prompt, 128 new tokens, 
 key/value cache (qbayes.generate); decode tokens/s = (new tokens - 1) / time after the first
 token. fp32 and each quantized model (RTN, groups of 64, asymmetric, float16 scales; the solver
 does not change the speed) are run in interleaved rounds in one process; reported: the median
-over rounds. Embeddings and the tied lm_head stay in float, as quantize_ leaves them by default;
-the last row also packs lm_head at 8 bits (the embedding lookup keeps the float table).
+over rounds. Embeddings and the tied lm_head stay in float, as quantize_ leaves them.
 
     python bench/decode.py          # writes bench/results/decode.{json,md}
 """
@@ -38,11 +37,6 @@ def main(rounds: int = 3, threads: int = 2) -> None:
         m = copy.deepcopy(fp32)
         quantize_(m, QuantSpec(bits=b, group_size=64), method="rtn", float_dtype="float32", progress=False)
         models[f"W{b} g64"] = m
-    # the tied lm_head (576 x 49152, 113 MB in fp32) is the largest read per token: pack it at 8 bits
-    m = copy.deepcopy(fp32)
-    quantize_(m, lambda name: QuantSpec(bits=8 if name == "lm_head" else 4, group_size=64), method="rtn",
-              float_dtype="float32", exclude=("*embed*",), progress=False)
-    models["W4 g64 + lm_head W8"] = m
     speeds = {k: [] for k in models}
     texts = {}
     for _ in range(rounds):
