@@ -4,7 +4,8 @@ Protocol: the first 64 tokens of wikitext-2 test as the prompt, 128 new tokens, 
 key/value cache (qbayes.generate); decode tokens/s = (new tokens - 1) / time after the first
 token. fp32 and each quantized model (RTN, groups of 64, asymmetric, float16 scales; the solver
 does not change the speed) are run in interleaved rounds in one process; reported: the median
-over rounds. Embeddings and the tied lm_head stay in float, as quantize_ leaves them.
+over rounds. Embeddings and the tied lm_head stay in float, as quantize_ leaves them by default;
+the last row packs lm_head too (quantize_(..., head=QuantSpec(8, 64, symmetric)), RTN).
 
     python bench/decode.py          # writes bench/results/decode.{json,md}
 """
@@ -37,6 +38,11 @@ def main(rounds: int = 3, threads: int = 2) -> None:
         m = copy.deepcopy(fp32)
         quantize_(m, QuantSpec(bits=b, group_size=64), method="rtn", float_dtype="float32", progress=False)
         models[f"W{b} g64"] = m
+    # the tied lm_head (576 x 49152, 113 MB in fp32) is the largest single read per token
+    m = copy.deepcopy(fp32)
+    quantize_(m, QuantSpec(bits=4, group_size=64), method="rtn", float_dtype="float32", progress=False,
+              head=QuantSpec(bits=8, group_size=64, symmetric=True))
+    models["W4 g64 + lm_head W8"] = m
     speeds = {k: [] for k in models}
     texts = {}
     for _ in range(rounds):

@@ -32,6 +32,7 @@ def quantize_(
     float_dtype: str = "float16",
     batch_size: int = 8,
     progress: bool = True,
+    head: QuantSpec | None = None,
     **options,
 ) -> nn.Module:
     """Quantize the linear layers of ``model`` in place and return it.
@@ -48,6 +49,9 @@ def quantize_(
         float_dtype: precision kept by the parameters left in float (they are rounded to it
             here, so the saved checkpoint reloads bit-identically).
         batch_size: calibration sequences per forward pass.
+        head: also pack the output head (``lm_head``, untying it from the input embeddings, which
+            stay in float for the lookup) with this spec, by round-to-nearest. At batch 1 the
+            head of a small LM is its largest single read per token.
         **options: solver options (GPTQ: ``act_order``, ``damp``, ``block_size``).
 
     The model gains a ``qbayes_config`` dict describing what was done (read by
@@ -62,11 +66,12 @@ def quantize_(
     spec_for = _spec_function(spec)
     adapter = adapter_for(model)
     selected = select_layers(model, spec_for, include, exclude)
+    head_name = _check_head(model, head) if head is not None else None
 
     batches = _calibration_batches(calib, batch_size, _device_of(model)) if solver.needs_hessian else None
 
     t0 = time.perf_counter()
-    _round_float_params(model, set(selected), FLOAT_DTYPES[float_dtype])
+    _round_float_params(model, set(selected) | ({head_name} if head_name else set()), FLOAT_DTYPES[float_dtype])
     if batches is not None:
         report = quantize_blocks(model, adapter.blocks(), adapter.blocks_path, batches, selected,
                                  spec_for, solver, options, progress=progress)
@@ -77,6 +82,12 @@ def quantize_(
             qw = solver.fn(lin.weight.detach(), None, s, **options)
             set_module(model, name, QuantLinear.from_quantized(qw, s, lin.bias))
             report[name] = {"bits": s.bits}
+    if head_name is not None:
+        lin = model.get_submodule(head_name)
+        qw = get_solver("rtn").fn(lin.weight.detach(), None, head)
+        set_module(model, head_name, QuantLinear.from_quantized(qw, head, lin.bias))
+        model.config.tie_word_embeddings = False  # the embedding table keeps its own float weight
+        report[head_name] = {"bits": head.bits, "solver": "rtn"}
     elapsed = time.perf_counter() - t0
     model.qbayes_config = {
         "method": method,
@@ -85,6 +96,8 @@ def quantize_(
         "quantize_seconds": elapsed,
         "layers": {n: {**spec_for(n).to_dict(), **report.get(n, {})} for n in selected},
     }
+    if head_name is not None:
+        model.qbayes_config["layers"][head_name] = {**head.to_dict(), **report[head_name]}
     log.info("quantized %d layers with %s in %.1f s", len(selected), method, elapsed)
     return model
 
@@ -108,6 +121,20 @@ def select_layers(model: nn.Module, spec, include: Iterable[str] | None = None,
         if not torch.isfinite(lin.weight).all():
             raise QBayesError(f"{name}.weight holds NaN/Inf values: refusing to quantize a broken model")
     return selected
+
+
+def _check_head(model: nn.Module, head) -> str:
+    """Qualified name of the model's output head, after checking ``head`` can pack it."""
+    if not isinstance(head, QuantSpec):
+        raise QBayesError(f"head must be a QuantSpec, not {type(head).__name__}")
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(out, nn.Linear):
+        raise QBayesError("head=: this model has no nn.Linear output head (get_output_embeddings)")
+    name = next(n for n, m in model.named_modules() if m is out)
+    head.check_layer(out.in_features, name)
+    if not torch.isfinite(out.weight).all():
+        raise QBayesError(f"{name}.weight holds NaN/Inf values: refusing to quantize a broken model")
+    return name
 
 
 def _spec_function(spec) -> Callable[[str], QuantSpec]:

@@ -76,3 +76,34 @@ def test_untied_model_roundtrip(calib_ids, tmp_path):
     save_quantized(m, tmp_path / "c")
     loaded, _ = load_quantized(tmp_path / "c")
     assert torch.equal(logits(loaded, ids), q)
+
+
+def test_packed_head_round_trip(tmp_path, calib_ids):
+    """``head=`` packs the tied lm_head by RTN: logits follow the dequantized head exactly, the
+    embedding lookup keeps the float table, and the checkpoint reloads bit-identically."""
+    from qbayes.errors import QBayesError
+
+    torch.set_num_threads(1)
+    model = tiny_llama()
+    emb = model.get_input_embeddings().weight.detach().clone()
+    quantize_(model, QuantSpec(bits=4, group_size=32), method="gptq", calib=calib_ids, progress=False,
+              head=QuantSpec(bits=8, group_size=32, symmetric=True), float_dtype="float32")
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.spec.bits == 8
+    assert torch.equal(model.get_input_embeddings().weight, emb)  # untied: the lookup table is unchanged
+    assert model.qbayes_config["layers"]["lm_head"]["solver"] == "rtn"
+    ids = calib_ids[:2]
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state
+        ref = hidden @ model.lm_head.dequantize().T
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # 8-bit groups of 32 stay close to the float head
+    err = (model.lm_head.dequantize() - emb).abs().max() / emb.abs().max()
+    assert err < 1 / 127
+    save_quantized(model, tmp_path / "q")
+    loaded, _ = load_quantized(tmp_path / "q")
+    assert isinstance(loaded.lm_head, QuantLinear)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, got)
+    with pytest.raises(QBayesError, match="group size 48"):
+        quantize_(tiny_llama(), QuantSpec(bits=4, group_size=32), method="rtn", head=QuantSpec(bits=8, group_size=48))
