@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric codes (zero-point fixed)")
     sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric codes (default)")
     q.set_defaults(symmetric=False)
+    q.add_argument("--head-bits", type=_bits, default=None,
+                   help="also pack lm_head at these bits (symmetric, RTN, the same group size; default: keep it in float)")
     q.add_argument("--method", default="gptq", help="weight solver: rtn | gptq (default gptq)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: visit columns by decreasing H diagonal, with static groups (default on)")
@@ -175,6 +177,11 @@ def _quantize(args) -> int:
     model, tok = load_causal_lm(model_path)
     from .api import select_layers
     select_layers(model, spec)  # refuse an impossible spec before minutes of evaluation
+    head = None
+    if args.head_bits is not None:
+        from .api import _check_head
+        head = QuantSpec(bits=args.head_bits, group_size=args.group_size, symmetric=True, clip=args.clip)
+        _check_head(model, head)
     fp32_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6  # tied tensors once
     rows = []
     windows = None if args.no_eval else _windows(args, tok)
@@ -195,7 +202,7 @@ def _quantize(args) -> int:
     print(f"quantizing to {spec if record is None else f'mixed {args.avg_bits} bits'} with {args.method}"
           + (f" on {len(calib)} calibration windows" if calib is not None else ""))
     t0 = time.perf_counter()
-    quantize_(model, target, args.method, calib, batch_size=args.batch_size, **options)
+    quantize_(model, target, args.method, calib, batch_size=args.batch_size, head=head, **options)
     qs = time.perf_counter() - t0
     if record is not None:
         model.qbayes_config["allocation"] = record

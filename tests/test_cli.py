@@ -130,6 +130,19 @@ def test_export_onnx_command(model_dir, tmp_path, capsys):
     assert (out / "model.onnx").stat().st_size > 0
 
 
+def test_quantize_head_bits(model_dir, tmp_path):
+    from qbayes import load_quantized
+    from qbayes.nn import QuantLinear
+
+    out = tmp_path / "qh"
+    assert main(["quantize", "--model", str(model_dir), "--method", "rtn", "--group-size", "32", "--no-eval",
+                 "--head-bits", "8", "--out", str(out)]) == 0
+    model, _ = load_quantized(out)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.spec.bits == 8 and model.lm_head.spec.symmetric
+    assert main(["quantize", "--model", str(model_dir), "--method", "rtn", "--group-size", "48", "--no-eval",
+                 "--head-bits", "8", "--out", str(tmp_path / "bad")]) == 2
+
+
 def test_export_gguf_command(model_dir, tmp_path, capsys):
     pytest.importorskip("gguf")
     out = tmp_path / "q"
