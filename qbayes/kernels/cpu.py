@@ -103,6 +103,6 @@ def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
     mod = _module()
     if mod is None:
         raise RuntimeError("the CPU packed-weight kernel is not available (see qbayes.kernels.cpu.available())")
-    if bias is not None:
+    if bias is not None and (bias.dtype not in (torch.float32, torch.float16) or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
     return mod.qgemm(x.contiguous(), qweight, scales, qzeros, bits, group_cols, bias)

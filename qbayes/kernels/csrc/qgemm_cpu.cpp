@@ -247,10 +247,12 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& qw, const torch::
     if (M == 1) gemv_dispatch<BITS>(xp, xsum, K, qwp, scp, qzp, G, gs, yp, n0, n1);
     else gemm_rows<BITS>(xp, xsum, M, K, qwp, scp, qzp, G, gs, yp, N, n0, n1);
   });
-  if (bias.has_value()) {
-    const float* bp = bias->data_ptr<float>();
+  if (bias.has_value()) {  // float32 or the float16 QuantLinear stores by default: no conversion op per call
+    const bool half = bias->scalar_type() == torch::kFloat16;
+    const float* bp = half ? nullptr : bias->data_ptr<float>();
+    const uint16_t* hp = half ? reinterpret_cast<const uint16_t*>(bias->data_ptr<at::Half>()) : nullptr;
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) yp[m * N + n] += bp[n];
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] += half ? half_to_float(hp[n]) : bp[n];
   }
   return y;
 }
@@ -268,8 +270,8 @@ torch::Tensor qgemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales
   TORCH_CHECK(scales.size(0) == qweight.size(0) && scales.size(1) == K / group_size, "scales shape");
   if (qzeros.has_value()) TORCH_CHECK(qzeros->scalar_type() == torch::kUInt8 && qzeros->is_contiguous(), "qzeros: uint8");
   if (bias.has_value())
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == qweight.size(0),
-                "bias: contiguous float32 (N,)");
+    TORCH_CHECK((bias->scalar_type() == torch::kFloat32 || bias->scalar_type() == torch::kFloat16) &&
+                bias->is_contiguous() && bias->numel() == qweight.size(0), "bias: contiguous float32/float16 (N,)");
   switch (bits) {
     case 2: return run<2>(x, qweight, scales, qzeros, bias, group_size);
     case 4: return run<4>(x, qweight, scales, qzeros, bias, group_size);
