@@ -61,6 +61,63 @@ def test_triton_matches_reference(bits, n, kg, gs, m, symmetric, bias, seed):
     assert (y - ref).abs().max().item() <= 1e-5 * scale
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bits=st.sampled_from([2, 4, 8]), n=st.integers(1, 70), words=st.integers(1, 6),
+       gs_words=st.sampled_from([1, 2]), m=st.sampled_from([1, 2, 3]), symmetric=st.booleans(), bias=st.booleans(),
+       block_n=st.sampled_from([16, 32]), block_w=st.sampled_from([1, 2, 4]), split=st.sampled_from([1, 2, 3, 4]),
+       seed=st.integers(0, 10**6))
+def test_gemv_kernel_any_split_matches_reference(bits, n, words, gs_words, m, symmetric, bias, block_n, block_w,
+                                                 split, seed):
+    """The word-reading kernel, every tile and K split (split sums are added by the second kernel)."""
+    per = 32 // bits
+    gs = per * gs_words
+    K = words * gs * 2
+    qw, sc, qz = _packed(bits, n, K, gs, symmetric, seed)
+    ref_w = dequantize_packed(qw, sc, qz, bits, K, gs)
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(seed + 1))
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 2)) if bias else None
+    cfg = tk.Config("gemv", block_n, block_w * per, split)
+    y = tk.qlinear(x.to(DEV), qw.to(DEV), sc.to(DEV), None if qz is None else qz.to(DEV),
+                   None if b is None else b.to(DEV), bits, K, gs, config=cfg).cpu()
+    ref = (x.double() @ ref_w.double().T + (0 if b is None else b.double())).float()
+    scale = (x.double().abs() @ ref_w.double().abs().T).max().item() + 1e-6
+    assert y.shape == ref.shape and (y - ref).abs().max().item() <= 1e-5 * scale
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bits=st.sampled_from([3, 4, 5, 8]), n=st.integers(1, 40), kg=st.integers(1, 4), m=st.sampled_from([1, 4, 17]),
+       split=st.sampled_from([1, 2, 3]), bias=st.booleans(), seed=st.integers(0, 10**6))
+def test_dot_kernel_any_split_matches_reference(bits, n, kg, m, split, bias, seed):
+    gs = 16
+    K = kg * gs * 2
+    qw, sc, qz = _packed(bits, n, K, gs, False, seed)
+    ref_w = dequantize_packed(qw, sc, qz, bits, K, gs)
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(seed + 1))
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 2)) if bias else None
+    y = tk.qlinear(x.to(DEV), qw.to(DEV), sc.to(DEV), qz.to(DEV), None if b is None else b.to(DEV), bits, K, gs,
+                   config=tk.Config("dot", 16, 16, split)).cpu()
+    ref = (x.double() @ ref_w.double().T + (0 if b is None else b.double())).float()
+    scale = (x.double().abs() @ ref_w.double().abs().T).max().item() + 1e-6
+    assert (y - ref).abs().max().item() <= 1e-5 * scale
+
+
+def test_gemv_in_half_dtypes_and_layout_refusal():
+    qw, sc, qz = _packed(4, 40, 256, 64, False, 3)
+    ref_w = dequantize_packed(qw, sc, qz, 4, 256, 64)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(4))
+    for dt in (torch.float16, torch.bfloat16):
+        xd = x.to(dt)
+        y = tk.qlinear(xd.to(DEV), qw.to(DEV), sc.to(DEV), qz.to(DEV), None, 4, 256, 64,
+                       config=tk.Config("gemv", 16, 64, 2)).cpu()
+        ref = xd.double() @ ref_w.double().T  # float32 accumulation, one rounding to the output dtype
+        assert y.dtype == dt
+        assert torch.allclose(y.double(), ref, rtol=2 * torch.finfo(dt).eps, atol=1e-6)
+    qw3, sc3, qz3 = _packed(3, 8, 64, 32, False, 0)
+    with pytest.raises(ValueError, match="whole words"):
+        tk.qlinear(x[:, :64].to(DEV), qw3.to(DEV), sc3.to(DEV), qz3.to(DEV), None, 3, 64, 32,
+                   config=tk.Config("gemv", 16, 32))
+
+
 def test_triton_dequant_in_half_dtypes():
     qw, sc, qz = _packed(4, 48, 128, 32, False, 0)
     ref = dequantize_packed(qw, sc, qz, 4, 128, 32)

@@ -6,19 +6,33 @@ bytes for every width (3-bit codes straddle bytes, 2/4/8-bit ones never do). Wei
 ``w = (c - z) s`` with float16 scales per group of input columns and packed zero-points (or the
 symmetric ``2^(bits-1)``), computed in float32 exactly as the reference path computes them.
 
-* :func:`qlinear`: ``y = x Wᵀ (+ b)`` reading the packed bytes directly. Few rows (decoding)
-  reduce with broadcast-multiply-sum over a ``(BLOCK_K, BLOCK_N)`` tile; 16 rows and more use
-  ``tl.dot`` (float32 inputs in IEEE precision, so no TF32 rounding).
+* :func:`qlinear`: ``y = x Wᵀ (+ b)`` reading the packed bytes directly, for few rows (decoding).
+  Two kernels, both optionally split along K (each split writes float32 partial sums that a
+  second small kernel adds, in a fixed order, so results are deterministic):
+
+  - ``gemv``: 2/4/8-bit rows read as 32-bit words (one load per 16/8/4 codes); the codes of a
+    word are unpacked by shifts into a third tile axis, turned into floats with the exponent
+    trick (``bits(2^23) | c`` is the float ``2^23 + c``, so no integer-to-float conversion), and
+    reduced against the activations; the scale multiplies once per word.
+  - ``dot``: any width 2..8, codes read byte by byte, ``tl.dot`` over a ``(BLOCK_K, BLOCK_N)``
+    dequantized tile; float32 activations multiply in IEEE float32 (no TF32 rounding), float16 /
+    bfloat16 ones on the tensor cores with the weight rounded to the activation dtype, which is
+    what the reference path does for those dtypes.
+
+  On a GPU the launch configuration is chosen by timing a short list of candidates on the first
+  call for each (shape, bits, dtype, row count) and remembered for the process
+  (``QBAYES_TRITON_TUNE=0``: a fixed heuristic instead). :func:`tuned_configs` lists the choices.
 * :func:`dequant`: the dense weight in the activation dtype, for dequantize-then-matmul at
   large batches where the tensor cores' GEMM wins.
 
-``TRITON_INTERPRET=1`` runs both on CPU tensors (how CI tests them); without a GPU and without
-the interpreter :func:`available` is false and QuantLinear uses the other paths.
+``TRITON_INTERPRET=1`` runs all of them on CPU tensors (how CI tests them); without a GPU and
+without the interpreter :func:`available` is false and QuantLinear uses the other paths.
 """
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -73,31 +87,102 @@ if triton is not None:
         return (c - z) * s
 
     @triton.jit
+    def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, qz_ptr, b_ptr, y_ptr, N, K, G, GS, row_words, zrow_bytes, words_per_split,
+                     BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        """One activation row (grid axis 2) times ``BLOCK_N`` weight rows over one K split (axis 1).
+
+        ``qw_ptr`` is the packed weight viewed as int32 words; with ``SPLIT`` the float32 partial
+        sums go to ``y_ptr[split, row, n]``, else the finished row (bias added, cast) to ``y_ptr``."""
+        PER: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        m = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_w = tl.arange(0, BLOCK_W)
+        offs_i = tl.arange(0, PER)
+        shifts = (offs_i * BITS)[None, None, :]
+        lo = pid_k * words_per_split
+        hi = tl.minimum(lo + words_per_split, row_words)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for w0 in range(lo, hi, BLOCK_W):
+            wi = w0 + offs_w
+            w_mask = wi < hi
+            mask2 = n_mask[:, None] & w_mask[None, :]
+            words = tl.load(qw_ptr + offs_n[:, None] * row_words + wi[None, :], mask=mask2, other=0)
+            xk = wi[:, None] * PER + offs_i[None, :]
+            xv = tl.load(x_ptr + m * K + xk, mask=w_mask[:, None], other=0.0).to(tl.float32)
+            g = (wi * PER) // GS
+            s = tl.load(sc_ptr + offs_n[:, None] * G + g[None, :], mask=mask2, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zoff = g * BITS
+                zb = tl.load(qz_ptr + offs_n[:, None] * zrow_bytes + (zoff // 8)[None, :], mask=mask2, other=0)
+                z = ((zb.to(tl.int32) >> (zoff % 8)[None, :]) & MASK).to(tl.float32)
+            else:
+                z = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32) + (1 << (BITS - 1)) * 1.0
+            c = (words[:, :, None] >> shifts) & MASK
+            cf = (c | 0x4B000000).to(tl.float32, bitcast=True)  # the float 2^23 + c, exactly
+            wv = cf - (z + 8388608.0)[:, :, None]  # c - z, exactly
+            d = tl.sum(wv * xv[None, :, :], axis=2)
+            acc += tl.sum(d * s, axis=1)
+        if SPLIT:
+            tl.store(y_ptr + (pid_k * tl.num_programs(2) + m) * N + offs_n, acc, mask=n_mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + m * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
     def _qlinear_kernel(x_ptr, qw_ptr, sc_ptr, qz_ptr, b_ptr, y_ptr, M, N, K, G, GS, row_bytes, zrow_bytes,
-                        BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+                        k_per_split, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        USE_DOT: tl.constexpr, HALF_DOT: tl.constexpr, SPLIT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
         n_mask = offs_n < N
+        lo = pid_k * k_per_split
+        hi = tl.minimum(lo + k_per_split, K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(lo, hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
+            k_mask = offs_k < hi
             x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0).to(tl.float32)
+                        other=0.0)
             w = _weight_tile(qw_ptr, sc_ptr, qz_ptr, offs_n, offs_k, n_mask, k_mask, row_bytes, zrow_bytes, G, GS,
                              BITS, HAS_ZERO)
             if USE_DOT:
-                acc += tl.dot(x, w, input_precision="ieee")
+                if HALF_DOT:
+                    acc += tl.dot(x, w.to(x.dtype))
+                else:
+                    acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
             else:
-                acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+                acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT:
+            tl.store(y_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _split_sum_kernel(p_ptr, b_ptr, y_ptr, MN, N, S: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        """``y = sum_s p[s] (+ bias)`` over the K splits, in split order, cast to ``y``'s dtype."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(S):
+            acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+            acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _dequant_kernel(qw_ptr, sc_ptr, qz_ptr, w_ptr, N, K, G, GS, row_bytes, zrow_bytes,
@@ -123,27 +208,167 @@ def _check(qweight, scales, qzeros, bits, in_features, group_cols):
         raise ValueError("packed tensors must be contiguous")
 
 
+@dataclass(frozen=True)
+class Config:
+    """A launch of :func:`qlinear`: ``kind`` "gemv" (32-bit word loads, 2/4/8 bits) or "dot"
+    (any width); ``block_k`` counts codes; ``split_k`` K slices summed by a second kernel."""
+    kind: str
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __str__(self) -> str:
+        return (f"{self.kind} n{self.block_n} k{self.block_k} split{self.split_k} "
+                f"w{self.num_warps} s{self.num_stages}")
+
+
+def _word_ok(qweight, bits, in_features, group_cols) -> bool:
+    """The gemv kernel reads whole 32-bit words of codes, each within one group."""
+    return (bits in (2, 4, 8) and (in_features * bits) % 32 == 0 and group_cols % (32 // bits) == 0
+            and qweight.data_ptr() % 4 == 0)
+
+
+def _candidates(M, N, K, bits, word_ok, sms) -> list[Config]:
+    """What the tuner times on a GPU: gemv for one to four rows, the tensor-core kernel for more,
+    each with K splits sized so the grid covers the multiprocessors several times over."""
+    out = []
+    per = 32 // bits
+    if word_ok and M <= 4:
+        for bn, words, warps in ((16, 16, 4), (32, 8, 4), (32, 16, 4), (64, 8, 4), (64, 16, 8), (128, 4, 4),
+                                 (16, 32, 4)):
+            bk = words * per
+            for split in (1, 2, 4, 8, 16):
+                progs = -(-N // bn) * split
+                if K // split >= bk and progs <= 64 * sms and (split == 1 or progs <= 16 * sms):
+                    out.append(Config("gemv", bn, bk, split, warps))
+    if True:  # one row: the broadcast-multiply kernel on bytes; more: tl.dot on the tensor cores
+        for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4),
+                                      (128, 128, 8, 3)):
+            for split in (1, 2, 4, 8):
+                progs = -(-N // bn) * split
+                if K // split >= bk and (split == 1 or progs <= 8 * sms):
+                    out.append(Config("dot", bn, bk, split, warps, stages))
+    return out
+
+
+def _heuristic(M, N, K, bits, word_ok, sms) -> Config:
+    """The configuration without timing (the interpreter, ``QBAYES_TRITON_TUNE=0``)."""
+    if word_ok and M <= 4:
+        bn, bk = 32, 8 * (32 // bits)
+        split = 1
+        while -(-N // bn) * split < 4 * sms and K // (2 * split) >= bk and split < 16:
+            split *= 2
+        return Config("gemv", bn, bk, split)
+    bn, bk = (32, 32) if interpreted() else (64, 64)
+    split = 1
+    while not interpreted() and -(-N // bn) * split < 2 * sms and K // (2 * split) >= bk and split < 8:
+        split *= 2
+    return Config("dot", bn, bk, split)
+
+
+_TUNED: dict = {}
+
+
+def tuned_configs() -> dict:
+    """``{(device, dtype, bits, has_zero, rows, N, K, group): Config}`` chosen so far in this process."""
+    return dict(_TUNED)
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch(cfg: Config, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y):
+    M, K = x.shape
+    N = qweight.shape[0]
+    G = scales.shape[1]
+    zrow = qzeros.shape[1] if qzeros is not None else 0
+    qz = qzeros if qzeros is not None else qweight
+    split = cfg.split_k > 1
+    out = torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device) if split else y
+    b = bias if bias is not None else y
+    kw = {} if interpreted() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.kind == "gemv":
+        row_words = qweight.shape[1] // 4
+        bw = cfg.block_k * bits // 32
+        per_split = -(-row_words // cfg.split_k)
+        per_split = -(-per_split // bw) * bw
+        grid = (triton.cdiv(N, cfg.block_n), cfg.split_k, M)
+        _gemv_kernel[grid](x, qweight.view(torch.int32), scales, qz, b, out, N, K, G, group_cols, row_words, zrow,
+                           per_split, BITS=bits, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None, SPLIT=split,
+                           BLOCK_N=cfg.block_n, BLOCK_W=bw, **kw)
+    else:
+        use_dot = M >= 16 or not interpreted() and M >= 2
+        half = x.dtype in (torch.float16, torch.bfloat16) and not interpreted()
+        bm = 16 if use_dot else min(64, 1 << max(0, (M - 1).bit_length()))
+        per_split = -(-K // cfg.split_k)
+        per_split = -(-per_split // cfg.block_k) * cfg.block_k
+        grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, bm), cfg.split_k)
+        _qlinear_kernel[grid](x, qweight, scales, qz, b, out, M, N, K, G, group_cols, qweight.shape[1], zrow,
+                              per_split, BITS=bits, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None,
+                              USE_DOT=use_dot, HALF_DOT=half, SPLIT=split, BLOCK_M=bm, BLOCK_N=cfg.block_n,
+                              BLOCK_K=cfg.block_k, **kw)
+    if split:
+        BLOCK = 1024
+        _split_sum_kernel[(triton.cdiv(M * N, BLOCK),)](out, b, y, M * N, N, S=cfg.split_k,
+                                                         HAS_BIAS=bias is not None, BLOCK=BLOCK)
+    return y
+
+
+def _tune(key, cands, run) -> Config:
+    from triton.testing import do_bench
+
+    best, best_ms = None, float("inf")
+    for cfg in cands:
+        try:
+            ms = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception:  # a configuration the compiler or the card refuses (shared memory): skip it
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"no Triton configuration ran for {key}")
+    return best
+
+
 def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
-            bias: torch.Tensor | None, bits: int, in_features: int, group_cols: int) -> torch.Tensor:
-    """``x (M, K) @ Wᵀ (+ bias)`` in ``x``'s dtype (float32 accumulation) from the packed weight."""
+            bias: torch.Tensor | None, bits: int, in_features: int, group_cols: int,
+            config: Config | None = None) -> torch.Tensor:
+    """``x (M, K) @ Wᵀ (+ bias)`` in ``x``'s dtype (float32 accumulation) from the packed weight.
+
+    ``config`` forces a launch configuration (tests, benchmarks); by default it is tuned on a
+    GPU (once per shape) and a heuristic under the interpreter."""
     _check(qweight, scales, qzeros, bits, in_features, group_cols)
     x = x.contiguous()
     M, K = x.shape
     N = qweight.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    use_dot = M >= 16
-    BM = 16 if use_dot else 1 << max(0, (M - 1).bit_length())
-    BM = min(BM, 64)
-    BN, BK = (64, 32) if use_dot else (64, 64)
-    if interpreted():
-        BN, BK = 32, 32  # smaller tiles keep the numpy interpreter quick
-    grid = (triton.cdiv(N, BN), triton.cdiv(M, BM))
-    _qlinear_kernel[grid](x, qweight, scales, qzeros if qzeros is not None else qweight,
-                          bias if bias is not None else y, y, M, N, K, scales.shape[1], group_cols,
-                          qweight.shape[1], qzeros.shape[1] if qzeros is not None else 0,
-                          BITS=bits, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None, USE_DOT=use_dot,
-                          BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
-    return y
+    word_ok = _word_ok(qweight, bits, in_features, group_cols)
+    if config is not None:
+        if config.kind == "gemv" and not word_ok:
+            raise ValueError(f"the gemv kernel needs 2/4/8-bit codes in whole words (bits={bits}, K={K}, "
+                             f"group size {group_cols})")
+        return _launch(config, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y)
+    rows = M if M <= 4 else 16 if M <= 16 else 64
+    key = (str(x.device), x.dtype, bits, qzeros is not None, rows, N, K, group_cols)
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        sms = _sm_count(x.device)
+        tune = (x.is_cuda and not interpreted() and os.environ.get("QBAYES_TRITON_TUNE", "1") != "0"
+                and not torch.cuda.is_current_stream_capturing())
+        cands = _candidates(M, N, K, bits, word_ok, sms) if tune else []
+        if cands:
+            def run(c):
+                return _launch(c, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y)
+            cfg = _tune(key, cands, run)
+        else:
+            cfg = _heuristic(M, N, K, bits, word_ok, sms)
+        _TUNED[key] = cfg
+    return _launch(cfg, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y)
 
 
 def dequant(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int,

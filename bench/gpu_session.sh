@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One device session's GPU checks, in order of importance (run from the repository root on a CUDA
+# machine; results under bench/results/ and, when $OUT is set, copied there):
+#   1. the kernel speed table (bench/kernels_gpu.py),
+#   2. the Triton kernel tests compiled for the GPU (not the interpreter),
+#   3. the tiny-model end-to-end tests with the models on the GPU.
+set -u
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+OUT="${OUT:-/tmp/qbayes-gpu}"; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+timeout "${BENCH_TIMEOUT:-300}" python3 bench/kernels_gpu.py "$@" 2>&1 | tee "$OUT/bench.log"
+cp bench/results/kernels_gpu.json bench/results/kernels_gpu.md bench/results/kernels.json "$OUT/" 2>/dev/null
+QBAYES_TRITON_TUNE=0 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py 2>&1 | tail -15 | tee "$OUT/tests_triton.log"
+QBAYES_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_end_to_end.py 2>&1 | tail -15 | tee "$OUT/tests_e2e.log"
