@@ -63,12 +63,13 @@ def test_triton_matches_reference(bits, n, kg, gs, m, symmetric, bias, seed):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bits=st.sampled_from([2, 4, 8]), n=st.integers(1, 70), words=st.integers(1, 6),
-       gs_words=st.sampled_from([1, 2]), m=st.sampled_from([1, 2, 3]), symmetric=st.booleans(), bias=st.booleans(),
+       gs_words=st.sampled_from([1, 2]), m=st.sampled_from([1, 2, 3, 17]), symmetric=st.booleans(), bias=st.booleans(),
        block_n=st.sampled_from([16, 32]), block_w=st.sampled_from([1, 2, 4]), split=st.sampled_from([1, 2, 3, 4]),
-       seed=st.integers(0, 10**6))
-def test_gemv_kernel_any_split_matches_reference(bits, n, words, gs_words, m, symmetric, bias, block_n, block_w,
-                                                 split, seed):
-    """The word-reading kernel, every tile and K split (split sums are added by the second kernel)."""
+       kind=st.sampled_from(["gemv", "dotw"]), seed=st.integers(0, 10**6))
+def test_word_kernels_any_split_match_reference(bits, n, words, gs_words, m, symmetric, bias, block_n, block_w,
+                                                split, kind, seed):
+    """The word-reading kernels (gemv; dotw on the tensor cores), every tile and K split (split
+    sums are added by the second kernel)."""
     per = 32 // bits
     gs = per * gs_words
     K = words * gs * 2
@@ -76,7 +77,13 @@ def test_gemv_kernel_any_split_matches_reference(bits, n, words, gs_words, m, sy
     ref_w = dequantize_packed(qw, sc, qz, bits, K, gs)
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(seed + 1))
     b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 2)) if bias else None
-    cfg = tk.Config("gemv", block_n, block_w * per, split)
+    if kind == "dotw":
+        block_w *= 16  # tl.dot wants 16 or more words along K
+        K = max(K, block_w * per)
+        qw, sc, qz = _packed(bits, n, K, gs, symmetric, seed)
+        ref_w = dequantize_packed(qw, sc, qz, bits, K, gs)
+        x = torch.randn(m, K, generator=torch.Generator().manual_seed(seed + 1))
+    cfg = tk.Config(kind, block_n, block_w * per, split)
     y = tk.qlinear(x.to(DEV), qw.to(DEV), sc.to(DEV), None if qz is None else qz.to(DEV),
                    None if b is None else b.to(DEV), bits, K, gs, config=cfg).cpu()
     ref = (x.double() @ ref_w.double().T + (0 if b is None else b.double())).float()

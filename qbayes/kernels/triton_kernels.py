@@ -87,52 +87,118 @@ if triton is not None:
         return (c - z) * s
 
     @triton.jit
+    def _word_tile(qw_ptr, sc_ptr, qz_ptr, rows, wi, mask, row_words, G, GS, zrow_bytes, BITS: tl.constexpr,
+                   HAS_ZERO: tl.constexpr):
+        """Packed words at (row, word) (``rows``/``wi`` broadcast), their scales, and ``2^23 + z``."""
+        PER: tl.constexpr = 32 // BITS
+        words = tl.load(qw_ptr + rows * row_words + wi, mask=mask, other=0)
+        g = (wi * PER) // GS
+        s = tl.load(sc_ptr + rows * G + g, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            zoff = g * BITS
+            zb = tl.load(qz_ptr + rows * zrow_bytes + zoff // 8, mask=mask, other=0)
+            z = ((zb.to(tl.int32) >> (zoff % 8)) & ((1 << BITS) - 1)).to(tl.float32)
+        else:
+            z = tl.zeros(words.shape, dtype=tl.float32) + (1 << (BITS - 1)) * 1.0
+        return words, s, z + 8388608.0
+
+    @triton.jit
+    def _code_minus_zero(words, zb, i: tl.constexpr, BITS: tl.constexpr):
+        """``c - z`` for the ``i``-th code of each word, exactly: ``bits(2^23) | c`` is the float ``2^23 + c``."""
+        c = ((words >> (i * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
+        return c.to(tl.float32, bitcast=True) - zb
+
+    @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, qz_ptr, b_ptr, y_ptr, N, K, G, GS, row_words, zrow_bytes, words_per_split,
                      BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
         """One activation row (grid axis 2) times ``BLOCK_N`` weight rows over one K split (axis 1).
 
-        ``qw_ptr`` is the packed weight viewed as int32 words; with ``SPLIT`` the float32 partial
-        sums go to ``y_ptr[split, row, n]``, else the finished row (bias added, cast) to ``y_ptr``."""
+        ``qw_ptr`` is the packed weight viewed as int32 words, read as a (rows, words) tile; the
+        ``i``-th code of every word is peeled off by one shift and multiplied by the activations
+        ``x[word * PER + i]`` (a strided read of a vector that stays in L1), so every tile stays
+        two-dimensional. With ``SPLIT`` the float32 partial sums go to ``y_ptr[split, row, n]``,
+        else the finished row (bias added, cast) to ``y_ptr``."""
         PER: tl.constexpr = 32 // BITS
-        MASK: tl.constexpr = (1 << BITS) - 1
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         m = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         offs_w = tl.arange(0, BLOCK_W)
-        offs_i = tl.arange(0, PER)
-        shifts = (offs_i * BITS)[None, None, :]
         lo = pid_k * words_per_split
         hi = tl.minimum(lo + words_per_split, row_words)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
         for w0 in range(lo, hi, BLOCK_W):
             wi = w0 + offs_w
             w_mask = wi < hi
-            mask2 = n_mask[:, None] & w_mask[None, :]
-            words = tl.load(qw_ptr + offs_n[:, None] * row_words + wi[None, :], mask=mask2, other=0)
-            xk = wi[:, None] * PER + offs_i[None, :]
-            xv = tl.load(x_ptr + m * K + xk, mask=w_mask[:, None], other=0.0).to(tl.float32)
-            g = (wi * PER) // GS
-            s = tl.load(sc_ptr + offs_n[:, None] * G + g[None, :], mask=mask2, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                zoff = g * BITS
-                zb = tl.load(qz_ptr + offs_n[:, None] * zrow_bytes + (zoff // 8)[None, :], mask=mask2, other=0)
-                z = ((zb.to(tl.int32) >> (zoff % 8)[None, :]) & MASK).to(tl.float32)
-            else:
-                z = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32) + (1 << (BITS - 1)) * 1.0
-            c = (words[:, :, None] >> shifts) & MASK
-            cf = (c | 0x4B000000).to(tl.float32, bitcast=True)  # the float 2^23 + c, exactly
-            wv = cf - (z + 8388608.0)[:, :, None]  # c - z, exactly
-            d = tl.sum(wv * xv[None, :, :], axis=2)
-            acc += tl.sum(d * s, axis=1)
+            words, s, zb = _word_tile(qw_ptr, sc_ptr, qz_ptr, offs_n[:, None], wi[None, :],
+                                      n_mask[:, None] & w_mask[None, :], row_words, G, GS, zrow_bytes, BITS, HAS_ZERO)
+            t = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+            for i in tl.static_range(PER):
+                xi = tl.load(x_ptr + m * K + wi * PER + i, mask=w_mask, other=0.0).to(tl.float32)
+                t += _code_minus_zero(words, zb, i, BITS) * xi[None, :]
+            acc += t * s
+        out = tl.sum(acc, axis=1)
         if SPLIT:
-            tl.store(y_ptr + (pid_k * tl.num_programs(2) + m) * N + offs_n, acc, mask=n_mask)
+            tl.store(y_ptr + (pid_k * tl.num_programs(2) + m) * N + offs_n, out, mask=n_mask)
         else:
             if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + m * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+                out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + m * N + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _dotw_kernel(x_ptr, qw_ptr, sc_ptr, qz_ptr, b_ptr, y_ptr, M, N, K, G, GS, row_words, zrow_bytes,
+                     words_per_split, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HALF_DOT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_W: tl.constexpr):
+        """Rows of ``x`` times 32-bit words of codes on the tensor cores: for each code position
+        ``i`` in a word, ``x[:, word * PER + i] @ (c_i - z) s`` is one ``tl.dot`` over the words."""
+        PER: tl.constexpr = 32 // BITS
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        offs_w = tl.arange(0, BLOCK_W)
+        lo = pid_k * words_per_split
+        hi = tl.minimum(lo + words_per_split, row_words)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for w0 in range(lo, hi, BLOCK_W):
+            wi = w0 + offs_w
+            w_mask = wi < hi
+            words, s, zb = _word_tile(qw_ptr, sc_ptr, qz_ptr, offs_n[None, :], wi[:, None],
+                                      w_mask[:, None] & n_mask[None, :], row_words, G, GS, zrow_bytes, BITS, HAS_ZERO)
+            for i in tl.static_range(PER):
+                xi = tl.load(x_ptr + offs_m[:, None] * K + (wi * PER + i)[None, :],
+                             mask=m_mask[:, None] & w_mask[None, :], other=0.0)
+                wv = _code_minus_zero(words, zb, i, BITS) * s
+                if HALF_DOT:
+                    acc += tl.dot(xi, wv.to(xi.dtype))
+                else:
+                    acc += tl.dot(xi.to(tl.float32), wv, input_precision="ieee")
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT:
+            tl.store(y_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _dequant_words_kernel(qw_ptr, sc_ptr, qz_ptr, w_ptr, N, K, G, GS, row_words, zrow_bytes, BITS: tl.constexpr,
+                              HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        PER: tl.constexpr = 32 // BITS
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        wi = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        mask = (offs_n < N)[:, None] & (wi < row_words)[None, :]
+        words, s, zb = _word_tile(qw_ptr, sc_ptr, qz_ptr, offs_n[:, None], wi[None, :], mask, row_words, G, GS,
+                                  zrow_bytes, BITS, HAS_ZERO)
+        base = w_ptr + offs_n[:, None] * K + wi[None, :] * PER
+        for i in tl.static_range(PER):
+            tl.store(base + i, (_code_minus_zero(words, zb, i, BITS) * s).to(w_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _qlinear_kernel(x_ptr, qw_ptr, sc_ptr, qz_ptr, b_ptr, y_ptr, M, N, K, G, GS, row_bytes, zrow_bytes,
@@ -231,41 +297,42 @@ def _word_ok(qweight, bits, in_features, group_cols) -> bool:
 
 
 def _candidates(M, N, K, bits, word_ok, sms) -> list[Config]:
-    """What the tuner times on a GPU: gemv for one to four rows, the tensor-core kernel for more,
-    each with K splits sized so the grid covers the multiprocessors several times over."""
+    """What the tuner times on a GPU: the word kernels where the layout allows (gemv for one to
+    four rows, tensor-core ``dotw`` from two), the byte kernel otherwise, each with K splits sized
+    so the grid covers the multiprocessors several times over."""
     out = []
     per = 32 // bits
-    if word_ok and M <= 4:
-        for bn, words, warps in ((16, 16, 4), (32, 8, 4), (32, 16, 4), (64, 8, 4), (64, 16, 8), (128, 4, 4),
-                                 (16, 32, 4)):
-            bk = words * per
-            for split in (1, 2, 4, 8, 16):
-                progs = -(-N // bn) * split
-                if K // split >= bk and progs <= 64 * sms and (split == 1 or progs <= 16 * sms):
-                    out.append(Config("gemv", bn, bk, split, warps))
-    if True:  # one row: the broadcast-multiply kernel on bytes; more: tl.dot on the tensor cores
-        for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4),
-                                      (128, 128, 8, 3)):
-            for split in (1, 2, 4, 8):
-                progs = -(-N // bn) * split
-                if K // split >= bk and (split == 1 or progs <= 8 * sms):
-                    out.append(Config("dot", bn, bk, split, warps, stages))
+
+    def add(kind, bn, bk, warps, stages, max_split, cap):
+        for split in (1, 2, 4, 8, 16):
+            progs = -(-N // bn) * split
+            if split <= max_split and K // split >= bk and (split == 1 or progs <= cap * sms):
+                out.append(Config(kind, bn, bk, split, warps, stages))
+    if word_ok:
+        if M <= 4:
+            for bn, words, warps in ((16, 16, 4), (32, 8, 4), (32, 16, 4), (64, 8, 4), (64, 16, 8), (16, 32, 4),
+                                     (128, 4, 4)):
+                add("gemv", bn, words * per, warps, 2, 16, 16)
+        if M >= 2:
+            for bn, words, warps, stages in ((64, 16, 4, 3), (128, 16, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3),
+                                             (128, 32, 8, 3)):
+                add("dotw", bn, words * per, warps, stages, 8, 8)
+    if not word_ok or not out:
+        for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4)):
+            add("dot", bn, bk, warps, stages, 8, 8)
     return out
 
 
 def _heuristic(M, N, K, bits, word_ok, sms) -> Config:
     """The configuration without timing (the interpreter, ``QBAYES_TRITON_TUNE=0``)."""
-    if word_ok and M <= 4:
-        bn, bk = 32, 8 * (32 // bits)
-        split = 1
-        while -(-N // bn) * split < 4 * sms and K // (2 * split) >= bk and split < 16:
-            split *= 2
-        return Config("gemv", bn, bk, split)
-    bn, bk = (32, 32) if interpreted() else (64, 64)
+    per = 32 // bits
+    kind, bn, bk = (("gemv", 32, 8 * per) if M <= 4 else ("dotw", 64, 16 * per)) if word_ok else ("dot", 64, 64)
+    if interpreted():
+        bn, bk = 32, (bk if word_ok else 32)
     split = 1
-    while not interpreted() and -(-N // bn) * split < 2 * sms and K // (2 * split) >= bk and split < 8:
+    while -(-N // bn) * split < 4 * sms and K // (2 * split) >= bk and split < 8:
         split *= 2
-    return Config("dot", bn, bk, split)
+    return Config(kind, bn, bk, split)
 
 
 _TUNED: dict = {}
@@ -292,15 +359,22 @@ def _launch(cfg: Config, x, qweight, scales, qzeros, bias, bits, in_features, gr
     out = torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device) if split else y
     b = bias if bias is not None else y
     kw = {} if interpreted() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    if cfg.kind == "gemv":
+    if cfg.kind in ("gemv", "dotw"):
         row_words = qweight.shape[1] // 4
         bw = cfg.block_k * bits // 32
         per_split = -(-row_words // cfg.split_k)
         per_split = -(-per_split // bw) * bw
-        grid = (triton.cdiv(N, cfg.block_n), cfg.split_k, M)
-        _gemv_kernel[grid](x, qweight.view(torch.int32), scales, qz, b, out, N, K, G, group_cols, row_words, zrow,
-                           per_split, BITS=bits, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None, SPLIT=split,
-                           BLOCK_N=cfg.block_n, BLOCK_W=bw, **kw)
+        qw32 = qweight.view(torch.int32)
+        common = dict(BITS=bits, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None, SPLIT=split, **kw)
+        if cfg.kind == "gemv":
+            grid = (triton.cdiv(N, cfg.block_n), cfg.split_k, M)
+            _gemv_kernel[grid](x, qw32, scales, qz, b, out, N, K, G, group_cols, row_words, zrow, per_split,
+                               BLOCK_N=cfg.block_n, BLOCK_W=bw, **common)
+        else:
+            grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, 16), cfg.split_k)
+            half = x.dtype in (torch.float16, torch.bfloat16) and not interpreted()
+            _dotw_kernel[grid](x, qw32, scales, qz, b, out, M, N, K, G, group_cols, row_words, zrow, per_split,
+                               HALF_DOT=half, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_W=bw, **common)
     else:
         use_dot = M >= 16 or not interpreted() and M >= 2
         half = x.dtype in (torch.float16, torch.bfloat16) and not interpreted()
@@ -349,8 +423,8 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     word_ok = _word_ok(qweight, bits, in_features, group_cols)
     if config is not None:
-        if config.kind == "gemv" and not word_ok:
-            raise ValueError(f"the gemv kernel needs 2/4/8-bit codes in whole words (bits={bits}, K={K}, "
+        if config.kind in ("gemv", "dotw") and not word_ok:
+            raise ValueError(f"the {config.kind} kernel needs 2/4/8-bit codes in whole words (bits={bits}, K={K}, "
                              f"group size {group_cols})")
         return _launch(config, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y)
     rows = M if M <= 4 else 16 if M <= 16 else 64
@@ -371,6 +445,23 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     return _launch(cfg, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y)
 
 
+_DEQ_TUNED: dict = {}
+_DEQ_CANDIDATES = ((32, 16, 4), (64, 8, 4), (16, 32, 4), (64, 16, 8), (128, 8, 8))
+
+
+def _dequant_words(qweight, scales, qzeros, bits, in_features, group_cols, w, cfg):
+    bn, bw, warps = cfg
+    row_words = qweight.shape[1] // 4
+    N = qweight.shape[0]
+    kw = {} if interpreted() else {"num_warps": warps}
+    grid = (triton.cdiv(N, bn), triton.cdiv(row_words, bw))
+    _dequant_words_kernel[grid](qweight.view(torch.int32), scales, qzeros if qzeros is not None else qweight, w, N,
+                                in_features, scales.shape[1], group_cols, row_words,
+                                qzeros.shape[1] if qzeros is not None else 0, BITS=bits,
+                                HAS_ZERO=qzeros is not None, BLOCK_N=bn, BLOCK_W=bw, **kw)
+    return w
+
+
 def dequant(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int,
             in_features: int, group_cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense ``(out, in)`` weight in ``dtype``: float32 values equal the reference dequantization."""
@@ -380,6 +471,20 @@ def dequant(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | 
     if interpreted():  # numpy has no bfloat16: the interpreter truncates; round in torch instead
         dtype = torch.float32
     w = torch.empty(N, in_features, dtype=dtype, device=qweight.device)
+    if _word_ok(qweight, bits, in_features, group_cols):
+        key = (str(w.device), dtype, bits, qzeros is not None, N, in_features, group_cols)
+        cfg = _DEQ_TUNED.get(key)
+        if cfg is None:
+            cfg = (32, 4, 4) if interpreted() else _DEQ_CANDIDATES[0]
+            if (w.is_cuda and os.environ.get("QBAYES_TRITON_TUNE", "1") != "0"
+                    and not torch.cuda.is_current_stream_capturing()):
+                from triton.testing import do_bench
+                ms = {c: do_bench(lambda c=c: _dequant_words(qweight, scales, qzeros, bits, in_features, group_cols,
+                                                             w, c), warmup=5, rep=20, return_mode="median")
+                      for c in _DEQ_CANDIDATES}
+                cfg = min(ms, key=ms.get)
+            _DEQ_TUNED[key] = cfg
+        return _dequant_words(qweight, scales, qzeros, bits, in_features, group_cols, w, cfg).to(out_dtype)
     BN, BK = (32, 32) if interpreted() else (32, 128)
     grid = (triton.cdiv(N, BN), triton.cdiv(in_features, BK))
     _dequant_kernel[grid](qweight, scales, qzeros if qzeros is not None else qweight, w, N, in_features,
