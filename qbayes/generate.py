@@ -21,6 +21,7 @@ class Generation:
     new_tokens: int
     prefill_s: float
     decode_s: float
+    engine: str = "hf"
 
     @property
     def tokens_per_s(self) -> float:
@@ -30,16 +31,22 @@ class Generation:
 
 @torch.no_grad()
 def generate(model: nn.Module, tok, prompt: str | torch.Tensor, max_new_tokens: int = 128, *,
-             temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True) -> Generation:
+             temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
+             engine: str = "auto") -> Generation:
     """Generate up to ``max_new_tokens`` after ``prompt`` (text, or token ids ``(1, n)``).
 
     ``temperature=0`` is greedy; otherwise tokens are sampled from ``softmax(logits / T)`` with a
     generator seeded by ``seed``. The prefill (prompt) and the decode steps are timed apart.
+    ``engine``: ``"qbayes"`` runs :class:`qbayes.fastdecode.LlamaDecoder` (Llama-architecture
+    models), ``"hf"`` the model's own forward with a Hugging Face cache, ``"auto"`` the first
+    where the model allows it.
     """
     if max_new_tokens < 1:
         raise QBayesError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise QBayesError(f"temperature must be >= 0, got {temperature}")
+    if engine not in ("auto", "qbayes", "hf"):
+        raise QBayesError(f"engine must be 'auto', 'qbayes' or 'hf', not {engine!r}")
     ids = tok(prompt, return_tensors="pt").input_ids if isinstance(prompt, str) else prompt
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
         raise QBayesError("the prompt must be non-empty text or token ids of shape (1, n)")
@@ -47,28 +54,47 @@ def generate(model: nn.Module, tok, prompt: str | torch.Tensor, max_new_tokens: 
     ids = ids.to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     eos = getattr(tok, "eos_token_id", None) if stop_at_eos else None
-    from transformers import DynamicCache
+    from .fastdecode import LlamaDecoder
 
-    cache = DynamicCache()
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-    prefill = time.perf_counter() - t0
+    if engine == "qbayes" or (engine == "auto" and LlamaDecoder.supports(model)):
+        dec = LlamaDecoder(model, ids.shape[1] + max_new_tokens)  # raises for an unsupported model
+        t0 = time.perf_counter()
+        logits = dec.prefill(ids[0])
+        prefill = time.perf_counter() - t0
+
+        def step(tok_id):
+            return dec.step(tok_id)
+        name = "qbayes"
+    else:
+        from transformers import DynamicCache
+
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+        prefill = time.perf_counter() - t0
+        logits = out.logits[0, -1]
+        state = {"cache": out.past_key_values}
+
+        def step(tok_id):
+            o = model(input_ids=torch.tensor([[tok_id]], device=device), past_key_values=state["cache"],
+                      use_cache=True)
+            state["cache"] = o.past_key_values
+            return o.logits[0, -1]
+        name = "hf"
+
     new: list[int] = []
     t1 = time.perf_counter()
-    logits = out.logits[:, -1]
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         if temperature == 0:
             nxt = int(logits.argmax(-1))
         else:
             probs = torch.softmax(logits.float().cpu() / temperature, -1)
             nxt = int(torch.multinomial(probs, 1, generator=gen))
         new.append(nxt)
-        if step == 0:
+        if i == 0:
             t1 = time.perf_counter()  # decode time counts the steps after the first token
-        if (eos is not None and nxt == eos) or step == max_new_tokens - 1:
+        if (eos is not None and nxt == eos) or i == max_new_tokens - 1:
             break
-        out = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values, use_cache=True)
-        logits = out.logits[:, -1]
+        logits = step(nxt)
     decode = time.perf_counter() - t1
     return Generation(text=tok.decode(new, skip_special_tokens=True), prompt_tokens=ids.shape[1],
-                      new_tokens=len(new), prefill_s=prefill, decode_s=decode)
+                      new_tokens=len(new), prefill_s=prefill, decode_s=decode, engine=name)

@@ -16,6 +16,7 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemm_cpu.cpp"
+DECODE_SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.cpp"
 SUPPORTED_BITS = (2, 4, 8)
 
 
@@ -54,6 +55,32 @@ def _module():
 
 def available() -> bool:
     return _module() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def decode_ops():
+    """The fused float32 decode-step ops (``csrc/decode_cpu.cpp``: rmsnorm, add_rmsnorm_,
+    rope_cache_, attn_decode), built on first use like the GEMM kernel; None where they cannot be
+    built (callers then use torch ops)."""
+    if os.environ.get("QBAYES_KERNEL", "").lower() == "reference":
+        return None
+    from torch.utils.cpp_extension import load
+
+    from ..models.zoo import cache_dir
+
+    # reassociation lets the compiler vectorize the dot products and sums (no finite-math assumption:
+    # the softmax starts from -inf)
+    flags = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+    if {"avx2", "fma"} <= _cpu_flags():
+        flags += ["-mavx2", "-mfma"]
+    build = cache_dir() / "torch_extensions" / f"decode_cpu_{torch.__version__.replace('+', '_')}"
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        return load(name="qbayes_decode_cpu", sources=[str(DECODE_SOURCE)], build_directory=str(build),
+                    extra_cflags=flags, verbose=False)
+    except Exception as e:
+        log.warning("could not build the CPU decode ops (%s); using torch ops", e)
+        return None
 
 
 def supports(bits: int, in_features: int, group_cols: int, scale_dtype: torch.dtype) -> bool:
