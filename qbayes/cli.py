@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    g.add_argument("--engine", default="auto", choices=["auto", "qbayes", "hf"],
+                   help="decode loop: qbayes's lean Llama decoder, the model's own Hugging Face forward, or auto "
+                        "(the first where the model allows; default)")
 
     x = sub.add_parser("export", help="export a saved quantized model for another runtime (ONNX Runtime, llama.cpp)")
     x.add_argument("path", help="folder written by 'qbayes quantize'")
@@ -262,10 +265,11 @@ def _generate(args) -> int:
         model, tok = load_causal_lm(_resolve_model(args.path))
     if tok is None:
         raise QBayesError(f"{args.path} holds no tokenizer: cannot tokenize the prompt")
-    g = generate(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    g = generate(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                 engine=args.engine)
     print(args.prompt + g.text)
     print(f"\n{g.new_tokens} new tokens after a {g.prompt_tokens}-token prompt; prefill {g.prefill_s * 1e3:.0f} ms; "
-          f"decode {g.tokens_per_s:.1f} tokens/s")
+          f"decode {g.tokens_per_s:.1f} tokens/s ({g.engine} decoder)")
     return 0
 
 

@@ -113,7 +113,11 @@ def test_generate_prints_text_and_speed(model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(out), "the company said", "--max-new-tokens", "8"]) == 0
     text = capsys.readouterr().out
-    assert re.search(r"tokens/s", text)
+    assert re.search(r"tokens/s \(qbayes decoder\)", text)  # a Llama: the lean decoder
+    assert main(["generate", str(out), "the company said", "--max-new-tokens", "8", "--engine", "hf"]) == 0
+    text_hf = capsys.readouterr().out
+    assert "(hf decoder)" in text_hf
+    assert text_hf.split("\n\n")[0] == text.split("\n\n")[0]  # same greedy text from both loops
     assert main(["generate", str(tmp_path / "nothing"), "x"]) == 2
 
 
