@@ -7,7 +7,11 @@ its DynamicCache, and ``qbayes``, the lean decoder (qbayes.fastdecode: fused q/k
 static cache, fused C++ norm/rotary/attention ops). fp32 and each quantized model (RTN, groups of
 64, asymmetric, float16 scales; the solver does not change the speed) are run in interleaved
 rounds in one process; reported: the median over rounds, and the speed-up over fp32 in the same
-loop. Embeddings and the tied lm_head stay in float, as quantize_ leaves them by default;
+loop. ``onnxruntime``: the quantized models exported as decode-step graphs with a key/value cache
+(``qbayes export --to onnx --kv-cache``: 4-bit layers as MatMulNBits, 8-bit as
+DequantizeLinear + MatMul) and run greedily by ONNX Runtime's CPU provider with the same thread
+count, in the same rounds; there is no float ONNX graph, so their "same loop" column compares
+with fp32 in the qbayes loop. Embeddings and the tied lm_head stay in float, as quantize_ leaves them by default;
 the last row packs lm_head too (quantize_(..., head=QuantSpec(8, 64, symmetric)), RTN).
 
     python bench/decode.py          # writes bench/results/decode.{json,md}
@@ -17,7 +21,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import statistics
+import tempfile
 import sys
 from pathlib import Path
 
@@ -25,6 +31,7 @@ import torch
 
 from qbayes import QuantSpec, quantize_
 from qbayes.data import EVAL_TEXT, data_path, tokenize_file
+from qbayes.export.onnx_decode import export_onnx_decoder, ort_generate
 from qbayes.generate import generate
 from qbayes.kernels import cpu as cpu_kernel
 from qbayes.models import load_causal_lm, smollm2_135m
@@ -48,22 +55,41 @@ def main(rounds: int = 3, threads: int = 2) -> None:
               head=QuantSpec(bits=8, group_size=64, symmetric=True))
     models["W4 g64 + lm_head W8"] = m
     speeds = {(k, e): [] for e in ENGINES for k in models}
+    onnx_dir = Path(tempfile.mkdtemp(prefix="qbayes-decode-"))
+    onnx_paths = {}
+    for k, m in models.items():
+        if k != "fp32":
+            onnx_paths[k] = onnx_dir / f"{k.replace(' ', '_')}.onnx"
+            export_onnx_decoder(m, onnx_paths[k], max_positions=prompt.shape[1] + 128)
+            speeds[k, "onnxruntime"] = []
     texts = {}
-    for _ in range(rounds):
-        for (k, e) in speeds:
-            g = generate(models[k], tok, prompt, 128, stop_at_eos=False, engine=e)
-            speeds[k, e].append(g.tokens_per_s)
-            texts[k, e] = g.text
-            print(f"{k} [{e}]: {g.tokens_per_s:.2f} tokens/s", flush=True)
+    try:
+        for _ in range(rounds):
+            for (k, e) in speeds:
+                if e == "onnxruntime":
+                    r = ort_generate(onnx_paths[k], prompt, 128, threads=threads)
+                    tps, text = r["tokens_per_s"], tok.decode(r["tokens"], skip_special_tokens=True)
+                else:
+                    g = generate(models[k], tok, prompt, 128, stop_at_eos=False, engine=e)
+                    tps, text = g.tokens_per_s, g.text
+                speeds[k, e].append(tps)
+                texts[k, e] = text
+                print(f"{k} [{e}]: {tps:.2f} tokens/s", flush=True)
+    finally:
+        shutil.rmtree(onnx_dir, ignore_errors=True)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "cpu")
     med = {key: statistics.median(v) for key, v in speeds.items()}
+    # there is no float ONNX export: ONNX Runtime rows compare with fp32 in the qbayes loop
     rows = [{"model": k, "engine": e, "tokens_per_s": med[k, e], "runs": v,
-             "speedup_vs_fp32": med[k, e] / med["fp32", e], "speedup_vs_fp32_hf": med[k, e] / med["fp32", "hf"]}
+             "speedup_vs_fp32": med[k, e] / med["fp32", e if e in ENGINES else "qbayes"],
+             "speedup_vs_fp32_hf": med[k, e] / med["fp32", "hf"]}
             for (k, e), v in speeds.items()]
     res = {"machine": f"{cpu}, {os.cpu_count()} cores", "threads": threads, "torch": torch.__version__,
            "packed_kernel": cpu_kernel.available(), "rows": rows,
            "first_words": {f"{k} [{e}]": t[:80] for (k, e), t in texts.items()},
-           "same_text_both_loops": {k: texts[k, "hf"] == texts[k, "qbayes"] for k in models}}
+           "same_text_both_loops": {k: texts[k, "hf"] == texts[k, "qbayes"] for k in models},
+           "onnxruntime_same_text_as_qbayes": {k: texts[k, "onnxruntime"] == texts[k, "qbayes"] for k in onnx_paths},
+           "onnxruntime": __import__("onnxruntime").__version__}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "decode.json").write_text(json.dumps(res, indent=1) + "\n")
     lines = ["# Batch-1 decoding of SmolLM2-135M-Instruct (CPU)", "", __doc__.split("    python")[0].strip(), "",
@@ -73,8 +99,11 @@ def main(rounds: int = 3, threads: int = 2) -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['engine']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_fp32']:.2f} | "
                      f"{r['speedup_vs_fp32_hf']:.2f} | " + ", ".join(f"{v:.2f}" for v in r["runs"]) + " |")
-    lines += ["", "Same greedy text from both loops: "
-              + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in res["same_text_both_loops"].items()) + "."]
+    lines += ["", "Same greedy text from the hf and qbayes loops: "
+              + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in res["same_text_both_loops"].items()) + "; "
+              f"ONNX Runtime {res['onnxruntime']} against qbayes: "
+              + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in res["onnxruntime_same_text_as_qbayes"].items())
+              + "."]
     (RESULTS / "decode.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

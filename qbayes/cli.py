@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="output file (default PATH/model.onnx or PATH/model.gguf)")
     x.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="onnx: run the export in ONNX Runtime on a few windows and compare logits (default on)")
+    x.add_argument("--kv-cache", action="store_true",
+                   help="onnx: write a decode-step graph with a key/value cache (input_ids, past_keys, past_values "
+                        "-> logits, present_keys, present_values; Llama-architecture models) instead of the "
+                        "full-sequence forward")
     x.add_argument("--template", help="gguf: copy the tokenizer metadata from this GGUF file "
                    "(default: build it from PATH/tokenizer.json)")
     x.add_argument("--float-type", default="f16", choices=["f32", "f16", "q8_0"],
@@ -283,11 +287,24 @@ def _export(args) -> int:
         return _export_gguf(args, model)
     from .export import export_onnx
 
-    out = Path(args.out) if args.out else Path(args.path) / "model.onnx"
-    report = export_onnx(model, out)
+    if args.kv_cache:
+        from .export.onnx_decode import export_onnx_decoder
+
+        out = Path(args.out) if args.out else Path(args.path) / "model_decode.onnx"
+        report = export_onnx_decoder(model, out)
+    else:
+        out = Path(args.out) if args.out else Path(args.path) / "model.onnx"
+        report = export_onnx(model, out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {report['MatMulNBits']} layers as MatMulNBits, "
           f"{report['DequantizeLinear']} as DequantizeLinear+MatMul, {len(report['float'])} converted to float")
-    if args.check:
+    if args.check and args.kv_cache:
+        from .export.onnx_decode import check_decoder
+
+        rel = check_decoder(out, model)
+        print(f"check: ONNX Runtime prefill + decode-step logits vs qbayes, max relative difference {rel:.2e}")
+        if rel > 1e-4:
+            raise QBayesError(f"the exported model disagrees with qbayes (relative difference {rel:.2e} > 1e-4)")
+    elif args.check:
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

@@ -132,6 +132,9 @@ def test_export_onnx_command(model_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "14 layers as MatMulNBits" in text and "max relative difference" in text
     assert (out / "model.onnx").stat().st_size > 0
+    assert main(["export", str(out), "--kv-cache"]) == 0
+    text = capsys.readouterr().out
+    assert "decode-step logits vs qbayes" in text and (out / "model_decode.onnx").stat().st_size > 0
 
 
 def test_quantize_head_bits(model_dir, tmp_path):

@@ -33,7 +33,7 @@ def _check(y, x, ql, bias=None):
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), sym=st.booleans(), groups=st.integers(1, 4), gmul=st.integers(1, 4),
+@given(bits=st.sampled_from([2, 3, 4, 8]), sym=st.booleans(), groups=st.integers(1, 4), gmul=st.integers(1, 4),
        N=st.integers(1, 40), M=st.integers(1, 20), seed=st.integers(0, 10_000), per_channel=st.booleans())
 def test_kernel_matches_reference(bits, sym, groups, gmul, N, M, seed, per_channel):
     group = 32 * gmul
@@ -55,10 +55,17 @@ def test_quantlinear_dispatch_and_fallbacks():
         _check(ql(big), big, ql, ql.bias.float())
         for tile in (1, 7, 48, 100):
             _check(cpu.qgemm_tiled(big, ql.qweight, ql.scales, ql.qzeros, 4, 64, tile), big, ql)
-    q3 = _layer(3, 64, False, 256, 8, 1)  # 3-bit: not a kernel layout, reference path
-    assert not cpu.supports(3, 256, 64, torch.float16)
+    q3 = _layer(3, 64, True, 256, 40, 1)  # 3-bit codes straddle bytes: their own decode loop
+    assert cpu.supports(3, 256, 64, torch.float16)
+    for rows in (1, 5, 64):
+        xr = torch.randn(rows, 256)
+        _check(q3(xr), xr, q3, q3.bias.float())
+    for tile in (7, 40):
+        _check(cpu.qgemm_tiled(big, q3.qweight, q3.scales, q3.qzeros, 3, 64, tile), big, q3)
+    q5 = _layer(5, 64, False, 256, 8, 1)  # 5-bit: not a kernel layout, reference path
+    assert not cpu.supports(5, 256, 64, torch.float16)
     x1 = torch.randn(1, 256)
-    torch.testing.assert_close(q3(x1), torch.nn.functional.linear(x1, q3.dequantize(), q3.bias.float()))
+    torch.testing.assert_close(q5(x1), torch.nn.functional.linear(x1, q5.dequantize(), q5.bias.float()))
     # autograd through the input still works (reference path)
     xg = torch.randn(1, 256, requires_grad=True)
     ql(xg).sum().backward()
@@ -74,12 +81,12 @@ def test_kernel_rejects_bad_layouts():
 
 
 @settings(max_examples=40, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), sym=st.booleans(), groups=st.integers(1, 4), gmul=st.integers(1, 4),
+@given(bits=st.sampled_from([2, 3, 4, 8]), sym=st.booleans(), groups=st.integers(1, 4), gmul=st.integers(1, 4),
        N=st.integers(1, 40), seed=st.integers(0, 10_000))
 def test_fast_dequantize_is_bit_identical(bits, sym, groups, gmul, N, seed):
     from qbayes.kernels import dequantize_packed
 
-    group = 8 * (8 // bits) * gmul
+    group = (32 if bits == 3 else 8 * (8 // bits)) * gmul  # 3-bit: 32 codes fill 12 bytes
     ql = _layer(bits, group, sym, group * groups, N, seed)
     ref = dequantize_packed(ql.qweight, ql.scales, ql.qzeros, bits, ql.in_features, ql.group_cols)
     assert torch.equal(cpu.dequant(ql.qweight, ql.scales, ql.qzeros, bits, ql.in_features, ql.group_cols), ref)

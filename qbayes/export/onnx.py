@@ -93,6 +93,29 @@ def _matmulnbits_schema():
 def export_onnx(model: nn.Module, path: str | Path, *, seq_len: int = 8, opset: int = 21) -> dict:
     """Write ``model`` (from :func:`qbayes.quantize_` or :func:`qbayes.load_quantized`) to ``path``,
     an ``.onnx`` file; returns a report of how each quantized layer was exported."""
+    report, prepared = prepare_layers(model)
+    ids = torch.zeros(2, seq_len, dtype=torch.long)  # not 1: torch.export would fix a size-1 batch
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        prog = torch.onnx.export(
+            model, (ids,), dynamo=True, input_names=["input_ids"], output_names=["logits"], opset_version=opset,
+            kwargs={"use_cache": False}, optimize=True,
+            dynamic_shapes={"input_ids": {0: torch.export.Dim("batch", max=1024), 1: torch.export.Dim("seq", min=2, max=8192)},
+                            "use_cache": None},
+            custom_translation_table={torch.ops.qbayes.packed_linear.default: _translation()})
+        prog.save(str(tmp))
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        restore_layers(prepared)
+    return report
+
+
+def prepare_layers(model: nn.Module) -> tuple[dict, list]:
+    """Mark every QuantLinear for export (its forward then calls ``qbayes::packed_linear``); the
+    report says how each layout is exported. Undo with :func:`restore_layers`."""
     from ..nn import QuantLinear
 
     try:
@@ -118,24 +141,12 @@ def export_onnx(model: nn.Module, path: str | Path, *, seq_len: int = 8, opset: 
         raise QBayesError("the model has no QuantLinear layers: quantize it with qbayes first")
     if report["float"]:
         log.warning("exported as float weights (no ONNX Runtime low-bit operator for them): %s", ", ".join(report["float"]))
-    ids = torch.zeros(2, seq_len, dtype=torch.long)  # not 1: torch.export would fix a size-1 batch
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        prog = torch.onnx.export(
-            model, (ids,), dynamo=True, input_names=["input_ids"], output_names=["logits"], opset_version=opset,
-            kwargs={"use_cache": False}, optimize=True,
-            dynamic_shapes={"input_ids": {0: torch.export.Dim("batch", max=1024), 1: torch.export.Dim("seq", min=2, max=8192)},
-                            "use_cache": None},
-            custom_translation_table={torch.ops.qbayes.packed_linear.default: _translation()})
-        prog.save(str(tmp))
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        for m in prepared:
-            del m._export
-    return report
+    return report, prepared
+
+
+def restore_layers(prepared: list) -> None:
+    for m in prepared:
+        m.__dict__.pop("_export", None)
 
 
 def export_forward(m, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The CPU kernel for packed 2/4/8-bit weights (``csrc/qgemm_cpu.cpp``, AVX2 + FMA + F16C).
+"""The CPU kernel for packed 2/3/4/8-bit weights (``csrc/qgemm_cpu.cpp``, AVX2 + FMA + F16C).
 
 Built once with ``torch.utils.cpp_extension`` the first time it is needed (a C++ compiler is
 required; about a minute) and cached under ``$QBAYES_CACHE/torch_extensions`` (default
@@ -17,7 +17,7 @@ import torch
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemm_cpu.cpp"
 DECODE_SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.cpp"
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def _cpu_flags() -> set[str]:

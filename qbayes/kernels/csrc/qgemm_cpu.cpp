@@ -97,6 +97,118 @@ inline void codes32(const uint8_t* p, __m256* w) {
   for (int i = 0; i < 4 / cpc; ++i) codes8<BITS>(p + 8 * i, w + cpc * i);
 }
 
+// 3-bit codes: a row is one little-endian bit stream (code k at bit 3k), so 8 codes fill exactly
+// 3 bytes and a code may straddle two bytes. Lanes hold consecutive codes (no x permutation):
+// the 24 bits of an octet are broadcast and each lane shifts its own field down.
+inline int zero_of3(const uint8_t* zr, int64_t g) {
+  if (zr == nullptr) return 4;
+  const int64_t bit = 3 * g, b = bit >> 3;
+  const int sh = static_cast<int>(bit & 7);
+  int v = zr[b] >> sh;
+  if (sh > 5) v |= zr[b + 1] << (8 - sh);
+  return v & 7;
+}
+
+// 32 codes (12 bytes; nothing read past them) as 4 vectors of 8 float codes in natural order.
+inline void codes32_3(const uint8_t* p, __m256* w) {
+  alignas(16) uint8_t buf[16] = {0};
+  std::memcpy(buf, p, 12);
+  const __m256i sh = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21), m7 = _mm256_set1_epi32(7);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    uint32_t v;
+    std::memcpy(&v, buf + 3 * i, 4);
+    w[i] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(v)), sh), m7));
+  }
+}
+
+// Rows [n0, n1) of y = x W^T for 3-bit W, any number of rows of x (a group is decoded once and
+// used for every row): y[m, n] = sum_g s (sum_k c x - z xsum_g).
+void rows3(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_t* qw, const uint16_t* sc,
+           const uint8_t* qz, int64_t G, int64_t gs, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t row_bytes = K * 3 / 8, zbytes = (G + 7) / 8 * 3 /* packed_length: 8 codes per 3 bytes */, nv = gs / 8;
+  std::vector<__m256> wbuf(nv), acc(M);
+  std::vector<float> corr(M);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = qw + n * row_bytes;
+    const uint8_t* zrow = qz ? qz + n * zbytes : nullptr;
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), corr[m] = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      const float s = half_to_float(sc[n * G + g]);
+      const float sz = s * static_cast<float>(zero_of3(zrow, g));
+      const __m256 sv = _mm256_set1_ps(s);
+      const uint8_t* p = row + g * gs * 3 / 8;
+      for (int64_t c = 0; c < gs; c += 32) codes32_3(p + c * 3 / 8, &wbuf[c / 8]);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xg = x + m * K + g * gs;
+        __m256 d0 = _mm256_setzero_ps(), d1 = d0;
+        int64_t v = 0;
+        for (; v + 2 <= nv; v += 2) {
+          d0 = _mm256_fmadd_ps(wbuf[v], _mm256_loadu_ps(xg + 8 * v), d0);
+          d1 = _mm256_fmadd_ps(wbuf[v + 1], _mm256_loadu_ps(xg + 8 * v + 8), d1);
+        }
+        for (; v < nv; ++v) d0 = _mm256_fmadd_ps(wbuf[v], _mm256_loadu_ps(xg + 8 * v), d0);
+        acc[m] = _mm256_fmadd_ps(sv, _mm256_add_ps(d0, d1), acc[m]);
+        corr[m] += sz * xsum[m * G + g];
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = hsum(acc[m]) - corr[m];
+  }
+}
+
+// Dense float32 rows [n0, n1) of a 3-bit weight into out (row stride K), (c - z) * s as the reference.
+void dequant3_rows(const uint8_t* qwp, const uint16_t* scp, const uint8_t* qzp, int64_t K, int64_t G, int64_t gs,
+                   int64_t n0, int64_t n1, float* out) {
+  const int64_t row_bytes = K * 3 / 8, zbytes = (G + 7) / 8 * 3 /* packed_length: 8 codes per 3 bytes */;
+  __m256 w[4];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* zrow = qzp ? qzp + n * zbytes : nullptr;
+    float* orow = out + (n - n0) * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 s = _mm256_set1_ps(half_to_float(scp[n * G + g]));
+      const __m256 z = _mm256_set1_ps(static_cast<float>(zero_of3(zrow, g)));
+      const uint8_t* p = qwp + n * row_bytes + g * gs * 3 / 8;
+      for (int64_t c = 0; c < gs; c += 32) {
+        codes32_3(p + c * 3 / 8, w);
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(orow + g * gs + c + 8 * i, _mm256_mul_ps(_mm256_sub_ps(w[i], z), s));
+      }
+    }
+  }
+}
+
+void add_bias(float* yp, const c10::optional<torch::Tensor>& bias, int64_t M, int64_t N) {
+  if (!bias.has_value()) return;
+  // float32 or the float16 QuantLinear stores by default: no conversion op per call
+  const bool half = bias->scalar_type() == torch::kFloat16;
+  const float* bp = half ? nullptr : bias->data_ptr<float>();
+  const uint16_t* hp = half ? reinterpret_cast<const uint16_t*>(bias->data_ptr<at::Half>()) : nullptr;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) yp[m * N + n] += half ? half_to_float(hp[n]) : bp[n];
+}
+
+torch::Tensor run3(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sc,
+                   const c10::optional<torch::Tensor>& qz, const c10::optional<torch::Tensor>& bias, int64_t gs) {
+  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0), G = sc.size(1);
+  const float* xs = x.data_ptr<float>();
+  thread_local std::vector<float> xsum_buf;
+  xsum_buf.resize(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(xs + m * K + k));
+      xsum_buf[m * G + g] = hsum(a);
+    }
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* qwp = qw.data_ptr<uint8_t>();
+  const uint16_t* scp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
+  const uint8_t* qzp = qz.has_value() ? qz->data_ptr<uint8_t>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const float* xsum = xsum_buf.data();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { rows3(xs, xsum, M, K, qwp, scp, qzp, G, gs, yp, N, n0, n1); });
+  add_bias(yp, bias, M, N);
+  return y;
+}
+
 // y[m, n] = sum_g s_ng (sum_{k in g} c_nk x_mk - z_ng xsum_mg): the scale and zero-point leave
 // the inner loop, which is then one shift/and/convert and one FMA per 8 weights. Independent
 // accumulators (a tile of up to 8 rows of x) keep the FMA pipes busy
@@ -247,13 +359,7 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& qw, const torch::
     if (M == 1) gemv_dispatch<BITS>(xp, xsum, K, qwp, scp, qzp, G, gs, yp, n0, n1);
     else gemm_rows<BITS>(xp, xsum, M, K, qwp, scp, qzp, G, gs, yp, N, n0, n1);
   });
-  if (bias.has_value()) {  // float32 or the float16 QuantLinear stores by default: no conversion op per call
-    const bool half = bias->scalar_type() == torch::kFloat16;
-    const float* bp = half ? nullptr : bias->data_ptr<float>();
-    const uint16_t* hp = half ? reinterpret_cast<const uint16_t*>(bias->data_ptr<at::Half>()) : nullptr;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) yp[m * N + n] += half ? half_to_float(hp[n]) : bp[n];
-  }
+  add_bias(yp, bias, M, N);
   return y;
 }
 
@@ -263,10 +369,10 @@ torch::Tensor qgemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
   TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous(), "qweight: contiguous uint8");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales: contiguous float16");
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8");
-  const int64_t cpc = 8 / bits, K = x.size(1);
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8");
+  const int64_t K = x.size(1);
   TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0, "group size must be a multiple of 32 dividing K");
-  TORCH_CHECK(qweight.size(1) * cpc == K, "qweight width does not match K");
+  TORCH_CHECK(qweight.size(1) * 8 == K * bits, "qweight width does not match K");
   TORCH_CHECK(scales.size(0) == qweight.size(0) && scales.size(1) == K / group_size, "scales shape");
   if (qzeros.has_value()) TORCH_CHECK(qzeros->scalar_type() == torch::kUInt8 && qzeros->is_contiguous(), "qzeros: uint8");
   if (bias.has_value())
@@ -274,6 +380,7 @@ torch::Tensor qgemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales
                 bias->is_contiguous() && bias->numel() == qweight.size(0), "bias: contiguous float32/float16 (N,)");
   switch (bits) {
     case 2: return run<2>(x, qweight, scales, qzeros, bias, group_size);
+    case 3: return run3(x, qweight, scales, qzeros, bias, group_size);
     case 4: return run<4>(x, qweight, scales, qzeros, bias, group_size);
     default: return run<8>(x, qweight, scales, qzeros, bias, group_size);
   }
@@ -284,6 +391,10 @@ torch::Tensor qgemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales
 template <int BITS>
 void dequant_rows(const uint8_t* qwp, const uint16_t* scp, const uint8_t* qzp, int64_t K, int64_t G, int64_t gs,
                   int64_t n0, int64_t n1, float* out) {
+  if constexpr (BITS == 3) {
+    dequant3_rows(qwp, scp, qzp, K, G, gs, n0, n1, out);
+    return;
+  } else {
   constexpr int cpc = 8 / BITS;
   const int64_t row_bytes = K / cpc, zbytes = (G + cpc - 1) / cpc;
   __m256 w[cpc];
@@ -312,6 +423,7 @@ void dequant_rows(const uint8_t* qwp, const uint16_t* scp, const uint8_t* qzp, i
       }
     }
   }
+  }  // BITS != 3
 }
 
 struct Packed {
@@ -381,12 +493,13 @@ torch::Tensor qgemm_tiled(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
   TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous(), "qweight: contiguous uint8");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales: contiguous float16");
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8");
   TORCH_CHECK(group_size % 32 == 0 && x.size(1) % group_size == 0, "group size must be a multiple of 32 dividing K");
-  TORCH_CHECK(qweight.size(1) * (8 / bits) == x.size(1), "qweight width does not match K");
+  TORCH_CHECK(qweight.size(1) * 8 == x.size(1) * bits, "qweight width does not match K");
   TORCH_CHECK(tile > 0, "tile must be positive");
   switch (bits) {
     case 2: return tiled_impl<2>(x, qweight, scales, qzeros, group_size, tile);
+    case 3: return tiled_impl<3>(x, qweight, scales, qzeros, group_size, tile);
     case 4: return tiled_impl<4>(x, qweight, scales, qzeros, group_size, tile);
     default: return tiled_impl<8>(x, qweight, scales, qzeros, group_size, tile);
   }
@@ -396,13 +509,14 @@ torch::Tensor dequant(torch::Tensor qweight, torch::Tensor scales, c10::optional
                       int64_t in_features, int64_t group_size) {
   TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous(), "qweight: contiguous uint8");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales: contiguous float16");
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8");
-  const int64_t cpc = 8 / bits;
-  TORCH_CHECK(group_size % (8 * cpc) == 0 && in_features % group_size == 0, "group size must be a multiple of ",
-              8 * cpc, " dividing K");
-  TORCH_CHECK(qweight.size(1) * cpc == in_features, "qweight width does not match K");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8");
+  const int64_t unit = bits == 3 ? 32 : 8 * (8 / bits);
+  TORCH_CHECK(group_size % unit == 0 && in_features % group_size == 0, "group size must be a multiple of ", unit,
+              " dividing K");
+  TORCH_CHECK(qweight.size(1) * 8 == in_features * bits, "qweight width does not match K");
   switch (bits) {
     case 2: return dequant_impl<2>(qweight, scales, qzeros, in_features, group_size);
+    case 3: return dequant_impl<3>(qweight, scales, qzeros, in_features, group_size);
     case 4: return dequant_impl<4>(qweight, scales, qzeros, in_features, group_size);
     default: return dequant_impl<8>(qweight, scales, qzeros, in_features, group_size);
   }
