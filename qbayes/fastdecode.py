@@ -7,7 +7,8 @@ runs the same computation from the same modules with less around it:
 
 * q/k/v and gate/up projections fused into one linear each (rows concatenated: packed
   ``QuantLinear`` rows are independent, so the fused layer holds the same bytes and computes the
-  same outputs; float layers are concatenated too, a copy of those weights);
+  same outputs; float layers are concatenated too when the copy stays under 64 MB per group,
+  and otherwise run one after another);
 * one ``rms_norm`` op per norm, rotary embedding for q and k together from precomputed tables
   (taken from the model's own rotary module, so scaled RoPE variants are honoured), one
   ``scaled_dot_product_attention`` call over a preallocated key/value cache;
@@ -50,10 +51,16 @@ def _unsupported(model: nn.Module) -> str | None:
     return None
 
 
+# float layers are fused by copying their weights: only where the copy is small
+FUSE_FLOAT_MAX_BYTES = 64 << 20
+
+
 def _fuse(layers: list[nn.Module]) -> nn.Module | None:
     """One layer computing ``cat([l(x) for l in layers], -1)``, or None if they cannot be fused."""
     if all(type(m) is nn.Linear for m in layers):
         if len({m.weight.dtype for m in layers}) > 1 or len({m.bias is None for m in layers}) > 1:
+            return None
+        if sum(m.weight.numel() * m.weight.element_size() for m in layers) > FUSE_FLOAT_MAX_BYTES:
             return None
         out = nn.Linear(layers[0].in_features, sum(m.out_features for m in layers), bias=layers[0].bias is not None,
                         device=layers[0].weight.device, dtype=layers[0].weight.dtype)

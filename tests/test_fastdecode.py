@@ -121,3 +121,14 @@ def test_fused_cpu_ops_against_torch():
         ops.attn_decode(q, kc, vc, L + 1, 0.3, H, KVH)
     with pytest.raises(RuntimeError, match="float32"):
         ops.rmsnorm(x.double(), w, 1e-6)
+
+
+def test_large_float_layers_are_not_copied(monkeypatch):
+    import qbayes.fastdecode as fd
+
+    monkeypatch.setattr(fd, "FUSE_FLOAT_MAX_BYTES", 0)
+    model = tiny_llama(seed=6)
+    dec = LlamaDecoder(model, max_len=12, use_cpu_ops=False)
+    assert type(dec.layers[0][2]).__name__ == "_Split"  # no fused copy of the float weights
+    ids = torch.randint(0, VOCAB, (7,), generator=torch.Generator().manual_seed(4))
+    assert _close(dec.prefill(ids), _hf_last_logits(model, ids))
