@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("bench-kernels", help="time packed low-bit linear layers against fp32 on this machine")
     k.add_argument("--shapes", default="smollm2", choices=["smollm2", "large", "all"],
                    help="SmolLM2's 576/1536 shapes, 4096/14336 shapes, or both (default smollm2)")
-    k.add_argument("--bits", default="4,8", help="comma-separated bit-widths from 2,4,8 (default 4,8)")
+    k.add_argument("--bits", default="4,8", help="comma-separated bit-widths from 2,3,4,8 (default 4,8)")
     k.add_argument("--batches", default="1,16,256", help="comma-separated batch sizes (default 1,16,256)")
     k.add_argument("--threads", type=int, default=None, help="torch (and ONNX Runtime) threads (default: torch's choice)")
     k.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's MatMulNBits")

@@ -109,16 +109,25 @@ inline int zero_of3(const uint8_t* zr, int64_t g) {
   return v & 7;
 }
 
-// 32 codes (12 bytes; nothing read past them) as 4 vectors of 8 float codes in natural order.
-inline void codes32_3(const uint8_t* p, __m256* w) {
-  alignas(16) uint8_t buf[16] = {0};
-  std::memcpy(buf, p, 12);
+// 32 codes (12 bytes at p) as 4 vectors of 8 float codes in natural order. The 12 bytes are read
+// with one 16-byte load (copied through a buffer where fewer than 16 bytes remain before end);
+// octet i is placed in every 32-bit lane by a byte shuffle, then each lane shifts its own field.
+inline void codes32_3(const uint8_t* p, const uint8_t* end, __m256* w) {
+  __m128i raw;
+  if (p + 16 <= end) {
+    raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  } else {
+    alignas(16) uint8_t buf[16] = {0};
+    std::memcpy(buf, p, 12);
+    raw = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+  }
+  const __m256i v = _mm256_broadcastsi128_si256(raw);
   const __m256i sh = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21), m7 = _mm256_set1_epi32(7);
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
-    uint32_t v;
-    std::memcpy(&v, buf + 3 * i, 4);
-    w[i] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(v)), sh), m7));
+    const int b = 3 * i;  // lane bytes (b, b+1, b+2, zero)
+    const __m256i pick = _mm256_set1_epi32(static_cast<int>(0x80000000u | ((b + 2) << 16) | ((b + 1) << 8) | b));
+    w[i] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(v, pick), sh), m7));
   }
 }
 
@@ -126,7 +135,9 @@ inline void codes32_3(const uint8_t* p, __m256* w) {
 // used for every row): y[m, n] = sum_g s (sum_k c x - z xsum_g).
 void rows3(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_t* qw, const uint16_t* sc,
            const uint8_t* qz, int64_t G, int64_t gs, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t N_total = N;
   const int64_t row_bytes = K * 3 / 8, zbytes = (G + 7) / 8 * 3 /* packed_length: 8 codes per 3 bytes */, nv = gs / 8;
+  const uint8_t* end = qw + N_total * row_bytes;
   std::vector<__m256> wbuf(nv), acc(M);
   std::vector<float> corr(M);
   for (int64_t n = n0; n < n1; ++n) {
@@ -138,7 +149,7 @@ void rows3(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_
       const float sz = s * static_cast<float>(zero_of3(zrow, g));
       const __m256 sv = _mm256_set1_ps(s);
       const uint8_t* p = row + g * gs * 3 / 8;
-      for (int64_t c = 0; c < gs; c += 32) codes32_3(p + c * 3 / 8, &wbuf[c / 8]);
+      for (int64_t c = 0; c < gs; c += 32) codes32_3(p + c * 3 / 8, end, &wbuf[c / 8]);
       for (int64_t m = 0; m < M; ++m) {
         const float* xg = x + m * K + g * gs;
         __m256 d0 = _mm256_setzero_ps(), d1 = d0;
@@ -160,6 +171,7 @@ void rows3(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_
 void dequant3_rows(const uint8_t* qwp, const uint16_t* scp, const uint8_t* qzp, int64_t K, int64_t G, int64_t gs,
                    int64_t n0, int64_t n1, float* out) {
   const int64_t row_bytes = K * 3 / 8, zbytes = (G + 7) / 8 * 3 /* packed_length: 8 codes per 3 bytes */;
+  const uint8_t* end = qwp + n1 * row_bytes;  // rows past n1 may not exist: never read beyond row n1 - 1
   __m256 w[4];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* zrow = qzp ? qzp + n * zbytes : nullptr;
@@ -169,7 +181,7 @@ void dequant3_rows(const uint8_t* qwp, const uint16_t* scp, const uint8_t* qzp, 
       const __m256 z = _mm256_set1_ps(static_cast<float>(zero_of3(zrow, g)));
       const uint8_t* p = qwp + n * row_bytes + g * gs * 3 / 8;
       for (int64_t c = 0; c < gs; c += 32) {
-        codes32_3(p + c * 3 / 8, w);
+        codes32_3(p + c * 3 / 8, end, w);
         for (int i = 0; i < 4; ++i) _mm256_storeu_ps(orow + g * gs + c + 8 * i, _mm256_mul_ps(_mm256_sub_ps(w[i], z), s));
       }
     }
