@@ -28,7 +28,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 def markdown(res: dict) -> str:
     return "\n".join(["# Packed low-bit linear layers vs fp32 (CPU)", "", __doc__.split("    python")[0].strip(), "",
                       f"Machine: {res['machine']}; {res['threads']} threads; torch {res['torch']}; "
-                      f"ONNX Runtime {res['ort']}.", "", table(res["rows"])]) + "\n"
+                      f"ONNX Runtime {res['ort']}.", "", table([r for r in res["rows"] if r.get("device") != "cuda"])]) + "\n"
 
 
 def main() -> None:
@@ -50,6 +50,12 @@ def main() -> None:
     res = {"machine": f"{cpu}, {os.cpu_count()} cores", "threads": args.threads, "torch": torch.__version__, "ort": ort_v,
            "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
+    old = RESULTS / "kernels.json"
+    if old.exists():  # keep the GPU rows (bench/kernels_gpu.py), measured elsewhere
+        prev = json.loads(old.read_text())
+        res["rows"] += [r for r in prev.get("rows", []) if r.get("device") == "cuda"]
+        if "cuda" in prev:
+            res["cuda"] = prev["cuda"]
     (RESULTS / "kernels.json").write_text(json.dumps(res, indent=1) + "\n")
     (RESULTS / "kernels.md").write_text(markdown(res))
     print(markdown(res))

@@ -258,6 +258,10 @@ void gemv_rows(const float* xp, const float* xsum, int64_t K, const uint8_t* qw,
     for (int64_t g = 0; g < G; ++g) {
       const uint8_t* p = row + g * gs / cpc;
       const float* xg = xp + g * gs;
+      // software prefetch 2 KB ahead on the weight stream (A/B on this machine, interleaved rounds:
+      // 8-bit 4096x14336 3.67x -> 4.64x fp32, 14336x4096 3.54x -> 3.95x; 4-bit 4.38x -> 5.61x)
+      _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);
+      if (gs / cpc > 64) _mm_prefetch(reinterpret_cast<const char*>(p) + 2048 + 64, _MM_HINT_T0);
       __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
 #pragma GCC unroll 4
       for (int64_t c = 0; c < gs; c += 32) {
