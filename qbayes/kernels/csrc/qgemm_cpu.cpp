@@ -167,6 +167,74 @@ void rows3(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_
   }
 }
 
+// Blocks of 64 3-bit codes (24 bytes): a byte shuffle puts octet j (codes 8j..8j+7) in lane j of
+// one register, so code 8j+i of every lane is one immediate shift and mask away; x is permuted
+// once per call so that xp[b + 8i + j] = x[b + 8j + i] meets it. Lanes 0-3 and 4-7 each lie in
+// one 32-code half of the block, so their scales are set per half (any group size that is a
+// multiple of 32). Needs K % 64 == 0.
+inline void block64_3(const uint8_t* p, const uint8_t* end, __m256* w) {
+  __m128i lo, hi;
+  if (p + 28 <= end) {
+    lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 12));
+  } else {
+    alignas(16) uint8_t buf[32] = {0};
+    std::memcpy(buf, p, 24);
+    lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf));
+    hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 12));
+  }
+  const __m256i pick = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                        0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set_m128i(hi, lo), pick), m7 = _mm256_set1_epi32(7);
+  w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v, m7));
+  w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 3), m7));
+  w[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 6), m7));
+  w[3] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 9), m7));
+  w[4] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 12), m7));
+  w[5] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 15), m7));
+  w[6] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 18), m7));
+  w[7] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 21));
+}
+
+void rows3_fast(const float* xp, const float* xsum, int64_t M, int64_t K, const uint8_t* qw, const uint16_t* sc,
+                const uint8_t* qz, int64_t G, int64_t gs, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t row_bytes = K * 3 / 8, zbytes = (G + 7) / 8 * 3 /* packed_length: 8 codes per 3 bytes */;
+  const uint8_t* end = qw + N * row_bytes;
+  std::vector<__m256> acc(M);
+  std::vector<float> sbuf(G);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = qw + n * row_bytes;
+    const uint8_t* zrow = qz ? qz + n * zbytes : nullptr;
+    float corr = 0.f;  // sum_g s_g z_g xsum_mg, per row m below
+    for (int64_t g = 0; g < G; ++g) sbuf[g] = half_to_float(sc[n * G + g]);
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K; b += 64) {
+      const uint8_t* p = row + b * 3 / 8;
+      _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);
+      __m256 w[8];
+      block64_3(p, end, w);
+      const __m256 sv = _mm256_set_m128(_mm_set1_ps(sbuf[(b + 32) / gs]), _mm_set1_ps(sbuf[b / gs]));
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xb = xp + m * K + b;
+        __m256 d0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+        __m256 d1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xb + 8));
+        d0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), d0);
+        d1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), d1);
+        d0 = _mm256_fmadd_ps(w[4], _mm256_loadu_ps(xb + 32), d0);
+        d1 = _mm256_fmadd_ps(w[5], _mm256_loadu_ps(xb + 40), d1);
+        d0 = _mm256_fmadd_ps(w[6], _mm256_loadu_ps(xb + 48), d0);
+        d1 = _mm256_fmadd_ps(w[7], _mm256_loadu_ps(xb + 56), d1);
+        acc[m] = _mm256_fmadd_ps(sv, _mm256_add_ps(d0, d1), acc[m]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      corr = 0.f;
+      for (int64_t g = 0; g < G; ++g) corr += sbuf[g] * static_cast<float>(zero_of3(zrow, g)) * xsum[m * G + g];
+      y[m * N + n] = hsum(acc[m]) - corr;
+    }
+  }
+}
+
 // Dense float32 rows [n0, n1) of a 3-bit weight into out (row stride K), (c - z) * s as the reference.
 void dequant3_rows(const uint8_t* qwp, const uint16_t* scp, const uint8_t* qzp, int64_t K, int64_t G, int64_t gs,
                    int64_t n0, int64_t n1, float* out) {
@@ -216,7 +284,20 @@ torch::Tensor run3(const torch::Tensor& x, const torch::Tensor& qw, const torch:
   const uint8_t* qzp = qz.has_value() ? qz->data_ptr<uint8_t>() : nullptr;
   float* yp = y.data_ptr<float>();
   const float* xsum = xsum_buf.data();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { rows3(xs, xsum, M, K, qwp, scp, qzp, G, gs, yp, N, n0, n1); });
+  if (K % 64 == 0) {  // permute x for the 64-code blocks: xp[b + 8i + j] = x[b + 8j + i]
+    thread_local std::vector<float> xp_buf;
+    xp_buf.resize(M * K);
+    float* xp = xp_buf.data();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < K; b += 64)
+        for (int i = 0; i < 8; ++i)
+          for (int j = 0; j < 8; ++j) xp[m * K + b + 8 * i + j] = xs[m * K + b + 8 * j + i];
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      rows3_fast(xp, xsum, M, K, qwp, scp, qzp, G, gs, yp, N, n0, n1);
+    });
+  } else {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { rows3(xs, xsum, M, K, qwp, scp, qzp, G, gs, yp, N, n0, n1); });
+  }
   add_bias(yp, bias, M, N);
   return y;
 }
