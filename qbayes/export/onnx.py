@@ -97,20 +97,27 @@ def export_onnx(model: nn.Module, path: str | Path, *, seq_len: int = 8, opset: 
     ids = torch.zeros(2, seq_len, dtype=torch.long)  # not 1: torch.export would fix a size-1 batch
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        prog = torch.onnx.export(
+        save_program(out, lambda: torch.onnx.export(
             model, (ids,), dynamo=True, input_names=["input_ids"], output_names=["logits"], opset_version=opset,
             kwargs={"use_cache": False}, optimize=True,
             dynamic_shapes={"input_ids": {0: torch.export.Dim("batch", max=1024), 1: torch.export.Dim("seq", min=2, max=8192)},
                             "use_cache": None},
-            custom_translation_table={torch.ops.qbayes.packed_linear.default: _translation()})
-        prog.save(str(tmp))
+            custom_translation_table={torch.ops.qbayes.packed_linear.default: _translation()}))
+    finally:
+        restore_layers(prepared)
+    return report
+
+
+def save_program(out: Path, export) -> None:
+    """Run ``export()`` (a ``torch.onnx`` program) and save it to ``out`` through a temporary file,
+    so a failed export never leaves a partial model (or destroys an existing one)."""
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        export().save(str(tmp))
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
-        restore_layers(prepared)
-    return report
 
 
 def prepare_layers(model: nn.Module) -> tuple[dict, list]:

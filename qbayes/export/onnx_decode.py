@@ -104,7 +104,7 @@ def export_onnx_decoder(model: nn.Module, path: str | Path, *, opset: int = 21,
                         max_positions: int | None = None) -> dict:
     """Write the decode-step graph of ``model`` (packed with qbayes) to ``path``; returns the
     layer report of :func:`qbayes.export.export_onnx`."""
-    from .onnx import _translation, prepare_layers, restore_layers
+    from .onnx import _translation, prepare_layers, restore_layers, save_program
 
     step = DecodeStep(model, max_positions).eval()
     report, prepared = prepare_layers(model)
@@ -114,18 +114,14 @@ def export_onnx_decoder(model: nn.Module, path: str | Path, *, opset: int = 21,
     seq, ctx = torch.export.Dim("seq", min=1, max=8192), torch.export.Dim("past", min=0, max=8192)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     try:
         with torch.no_grad():
-            prog = torch.onnx.export(
+            save_program(out, lambda: torch.onnx.export(
                 step, (ids, past, past.clone()), dynamo=True, input_names=INPUTS, output_names=OUTPUTS,
                 opset_version=opset, optimize=True,
                 dynamic_shapes={"input_ids": {1: seq}, "past_keys": {2: ctx}, "past_values": {2: ctx}},
-                custom_translation_table={torch.ops.qbayes.packed_linear.default: _translation()})
-        prog.save(str(tmp))
-        tmp.replace(out)
+                custom_translation_table={torch.ops.qbayes.packed_linear.default: _translation()}))
     finally:
-        tmp.unlink(missing_ok=True)
         restore_layers(prepared)
     report["graph"] = "decode step with key/value cache"
     return report

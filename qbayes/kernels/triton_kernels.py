@@ -87,6 +87,19 @@ if triton is not None:
         return (c - z) * s
 
     @triton.jit
+    def _store_rows(acc, y_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, SPLIT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+        """A ``(BLOCK_M, BLOCK_N)`` float32 result: to the split's partial sums ``y_ptr[pid_k]``, or
+        finished (bias added, cast) to ``y_ptr``."""
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT:
+            tl.store(y_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
     def _word_tile(qw_ptr, sc_ptr, qz_ptr, rows, wi, mask, row_words, G, GS, zrow_bytes, BITS: tl.constexpr,
                    HAS_ZERO: tl.constexpr):
         """Packed words at (row, word) (``rows``/``wi`` broadcast), their scales, and ``2^23 + z``."""
@@ -179,13 +192,7 @@ if triton is not None:
                     acc += tl.dot(xi, wv.to(xi.dtype))
                 else:
                     acc += tl.dot(xi.to(tl.float32), wv, input_precision="ieee")
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        if SPLIT:
-            tl.store(y_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        _store_rows(acc, y_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, SPLIT, HAS_BIAS)
 
     @triton.jit
     def _dequant_words_kernel(qw_ptr, sc_ptr, qz_ptr, w_ptr, N, K, G, GS, row_words, zrow_bytes, BITS: tl.constexpr,
@@ -229,13 +236,7 @@ if triton is not None:
                     acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
             else:
                 acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        if SPLIT:
-            tl.store(y_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        _store_rows(acc, y_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, M, N, SPLIT, HAS_BIAS)
 
     @triton.jit
     def _split_sum_kernel(p_ptr, b_ptr, y_ptr, MN, N, S: tl.constexpr, HAS_BIAS: tl.constexpr,

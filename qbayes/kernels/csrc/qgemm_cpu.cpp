@@ -28,6 +28,18 @@ inline float hsum(__m256 v) {
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
+// sum_v w[v] * x[8v..8v+7] over nv vectors, two independent FMA chains
+inline __m256 dot_group(const __m256* w, const float* x, int64_t nv) {
+  __m256 d0 = _mm256_setzero_ps(), d1 = d0;
+  int64_t v = 0;
+  for (; v + 2 <= nv; v += 2) {
+    d0 = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + 8 * v), d0);
+    d1 = _mm256_fmadd_ps(w[v + 1], _mm256_loadu_ps(x + 8 * v + 8), d1);
+  }
+  for (; v < nv; ++v) d0 = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + 8 * v), d0);
+  return _mm256_add_ps(d0, d1);
+}
+
 template <int BITS>
 inline int zero_of(const uint8_t* qz_row, int g) {
   if (qz_row == nullptr) return 1 << (BITS - 1);
@@ -152,14 +164,7 @@ void rows3(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_
       for (int64_t c = 0; c < gs; c += 32) codes32_3(p + c * 3 / 8, end, &wbuf[c / 8]);
       for (int64_t m = 0; m < M; ++m) {
         const float* xg = x + m * K + g * gs;
-        __m256 d0 = _mm256_setzero_ps(), d1 = d0;
-        int64_t v = 0;
-        for (; v + 2 <= nv; v += 2) {
-          d0 = _mm256_fmadd_ps(wbuf[v], _mm256_loadu_ps(xg + 8 * v), d0);
-          d1 = _mm256_fmadd_ps(wbuf[v + 1], _mm256_loadu_ps(xg + 8 * v + 8), d1);
-        }
-        for (; v < nv; ++v) d0 = _mm256_fmadd_ps(wbuf[v], _mm256_loadu_ps(xg + 8 * v), d0);
-        acc[m] = _mm256_fmadd_ps(sv, _mm256_add_ps(d0, d1), acc[m]);
+        acc[m] = _mm256_fmadd_ps(sv, dot_group(wbuf.data(), xg, nv), acc[m]);
         corr[m] += sz * xsum[m * G + g];
       }
     }
@@ -407,14 +412,7 @@ void gemm_rows(const float* xp, const float* xsum, int64_t M, int64_t K, const u
         }
         for (; m < M; ++m) {
           const float* xg = xp + m * K + g * gs;
-          __m256 d0 = _mm256_setzero_ps(), d1 = d0;
-          int64_t v = 0;
-          for (; v + 2 <= nv; v += 2) {
-            d0 = _mm256_fmadd_ps(wbuf[v], _mm256_loadu_ps(xg + 8 * v), d0);
-            d1 = _mm256_fmadd_ps(wbuf[v + 1], _mm256_loadu_ps(xg + 8 * v + 8), d1);
-          }
-          for (; v < nv; ++v) d0 = _mm256_fmadd_ps(wbuf[v], _mm256_loadu_ps(xg + 8 * v), d0);
-          acc[m] = _mm256_fmadd_ps(sv, _mm256_add_ps(d0, d1), acc[m]);
+          acc[m] = _mm256_fmadd_ps(sv, dot_group(wbuf.data(), xg, nv), acc[m]);
           corr[m] += sz * xsum[m * G + g];
         }
       }
