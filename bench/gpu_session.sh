@@ -3,7 +3,8 @@
 # machine; results under bench/results/ and, when $OUT is set, copied there):
 #   1. the kernel speed table (bench/kernels_gpu.py),
 #   2. the Triton kernel tests compiled for the GPU (not the interpreter),
-#   3. the tiny-model end-to-end tests with the models on the GPU.
+#   3. the tiny-model end-to-end tests with the models on the GPU,
+#   4. batch-1 decoding (bench/decode_gpu.py). SKIP_E2E=1 / SKIP_DECODE=1 leave steps out.
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 OUT="${OUT:-/tmp/qbayes-gpu}"; mkdir -p "$OUT"
@@ -13,3 +14,5 @@ timeout "${BENCH_TIMEOUT:-300}" python3 bench/kernels_gpu.py "$@" 2>&1 | tee "$O
 cp bench/results/kernels_gpu.json bench/results/kernels_gpu.md bench/results/kernels.json "$OUT/" 2>/dev/null
 QBAYES_TRITON_TUNE=0 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py 2>&1 | tail -15 | tee "$OUT/tests_triton.log"
 [ -n "${SKIP_E2E:-}" ] || QBAYES_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_end_to_end.py 2>&1 | tail -15 | tee "$OUT/tests_e2e.log"
+# 4. batch-1 decoding of a random-weight Llama-3.2-1B-shaped model: HF loop vs qbayes loop, bf16 vs W4
+[ -n "${SKIP_DECODE:-}" ] || { timeout "${DECODE_TIMEOUT:-150}" python3 bench/decode_gpu.py --shape 1b 2>&1 | tail -12 | tee "$OUT/decode_gpu.log"; cp bench/results/decode_gpu.json bench/results/decode_gpu.md "$OUT/" 2>/dev/null; }

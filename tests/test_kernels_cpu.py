@@ -91,3 +91,19 @@ def test_fast_dequantize_is_bit_identical(bits, sym, groups, gmul, N, seed):
     ref = dequantize_packed(ql.qweight, ql.scales, ql.qzeros, bits, ql.in_features, ql.group_cols)
     assert torch.equal(cpu.dequant(ql.qweight, ql.scales, ql.qzeros, bits, ql.in_features, ql.group_cols), ref)
     assert torch.equal(ql.dequantize(), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_activations_use_the_kernel(dtype, monkeypatch):
+    """bf16/fp16 rows on the CPU run the float32 kernel (not the slow reference dequantization):
+    the result is the float32 product rounded once to the activation dtype."""
+    ql = _layer(4, 64, False, 256, 48, 3)
+    x = torch.randn(2, 256).to(dtype)
+    ref = (x.double() @ ql.dequantize().double().T + ql.bias.double()).to(dtype)
+    with torch.no_grad():
+        y = ql(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), ref.double(), rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
+    monkeypatch.setattr(ql, "dequantize", lambda *a: (_ for _ in ()).throw(AssertionError("reference path used")))
+    with torch.no_grad():
+        ql(x)  # would raise if the reference path ran

@@ -95,7 +95,9 @@ class QuantLinear(nn.Module):
                 y = linear(x2, w, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         if self._fast_cpu(x):
-            x2 = x.reshape(-1, self.in_features)
+            # 16-bit activations run the float32 kernels too (converted in and out: a row of
+            # activations is tiny next to the weight), one rounding of the float32 result
+            x2 = x.reshape(-1, self.in_features).float()
             if x2.shape[0] <= CPU_KERNEL_MAX_ROWS:  # the bias is added inside the kernel
                 y = cpu_kernel.qgemm(x2, self.qweight, self.scales, self.qzeros, self.spec.bits, self.group_cols,
                                      self.bias)
@@ -104,14 +106,14 @@ class QuantLinear(nn.Module):
                                            self.group_cols)
                 if self.bias is not None:
                     y += self.bias
-            return y.view(*x.shape[:-1], self.out_features)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return linear(x, self.dequantize(x.dtype if x.is_floating_point() else torch.float32), self.bias)
 
     def _fast_cpu(self, x: torch.Tensor) -> bool:
-        """Float32 on the CPU, no autograd, a layout the packed kernels support: few rows go to
+        """Float32 (or 16-bit float) on the CPU, no autograd, a layout the packed kernels support: few rows go to
         the packed GEMV/GEMM kernel (decoding is bound by the weight bytes it reads), many rows
         to dequantized tiles times the BLAS GEMM; everything else to the reference path."""
-        if x.dtype != torch.float32 or x.device.type != "cpu":
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.device.type != "cpu":
             return False
         if x.requires_grad and torch.is_grad_enabled():
             return False
