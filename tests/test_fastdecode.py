@@ -132,3 +132,25 @@ def test_large_float_layers_are_not_copied(monkeypatch):
     assert type(dec.layers[0][2]).__name__ == "_Split"  # no fused copy of the float weights
     ids = torch.randint(0, VOCAB, (7,), generator=torch.Generator().manual_seed(4))
     assert _close(dec.prefill(ids), _hf_last_logits(model, ids))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_llama_layouts(arch):
+    """Qwen2 (q/k/v biases) and Mistral (no sliding window) run through the same decoder."""
+    import transformers
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, use_cache=False)
+    if arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw, use_sliding_window=False)).eval()
+    else:
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**kw, sliding_window=None)).eval()
+    assert LlamaDecoder.supports(model)
+    ids = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(3))
+    for cpu_ops in (False, True):
+        dec = LlamaDecoder(model, max_len=10, use_cpu_ops=cpu_ops)
+        assert _close(dec.prefill(ids[:8]), _hf_last_logits(model, ids[:8]))
+        assert _close(dec.step(int(ids[8])), _hf_last_logits(model, ids))
+    windowed = transformers.MistralForCausalLM(transformers.MistralConfig(**kw, sliding_window=4)).eval()
+    assert not LlamaDecoder.supports(windowed)
