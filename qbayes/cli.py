@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--batches", default="1,16,256", help="comma-separated batch sizes (default 1,16,256)")
     k.add_argument("--threads", type=int, default=None, help="torch (and ONNX Runtime) threads (default: torch's choice)")
     k.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's MatMulNBits")
+    k.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu: the packed CPU kernels against fp32 (and ONNX Runtime); cuda: the Triton kernels "
+                        "against bf16 cuBLAS and dequantize-then-matmul, in CUDA graphs (default cpu)")
 
     u = sub.add_parser("uq", help="fit posteriors of a Fashion-MNIST CNN and print uncertainty metrics")
     u.add_argument("--method", default="map,laplace-ll",
@@ -351,6 +354,19 @@ def _bench_kernels(args) -> int:
         batches = tuple(int(b) for b in args.batches.split(","))
     except ValueError:
         raise QBayesError("--bits and --batches take comma-separated integers") from None
+    shapes = {"smollm2": SMOL, "large": BIG, "all": BIG + SMOL}[args.shapes]
+    if args.device == "cuda":
+        from .kernels import triton_kernels as tk
+        from .kernels.bench_gpu import run_cuda, table_cuda
+
+        if not torch.cuda.is_available() or not tk.available():
+            raise QBayesError("--device cuda needs a CUDA GPU and Triton")
+        bad = [b for b in bits if not 2 <= b <= 8]
+        if bad:
+            raise QBayesError(f"the Triton kernels take bit-widths 2..8, not {bad}")
+        print(f"{torch.cuda.get_device_name(0)}; Triton kernels tuned per shape in the warm-up")
+        print(table_cuda(run_cuda(shapes, bits, batches, verbose=False)))
+        return 0
     bad = [b for b in bits if b not in cpu.SUPPORTED_BITS]
     if bad:
         raise QBayesError(f"bench-kernels times bit-widths {cpu.SUPPORTED_BITS}, not {bad}")
@@ -363,7 +379,6 @@ def _bench_kernels(args) -> int:
             with_ort = False
     print(f"packed CPU kernel: {'available' if cpu.available() else 'unavailable (reference path)'}; "
           f"{torch.get_num_threads()} threads")
-    shapes = {"smollm2": SMOL, "large": BIG, "all": BIG + SMOL}[args.shapes]
     rows = run(shapes, bits, batches, threads=torch.get_num_threads(), with_ort=with_ort, verbose=False)
     print(table(rows))
     return 0

@@ -2,6 +2,7 @@
 import re
 
 import pytest
+import torch
 
 from qbayes.cli import main
 
@@ -104,6 +105,9 @@ def test_bench_kernels_prints_a_speed_table(capsys):
     rows = [ln for ln in out.splitlines() if ln.startswith("| 576") or ln.startswith("| 1536")]
     assert len(rows) == 6  # 3 SmolLM2 shapes x 2 batches
     assert main(["bench-kernels", "--bits", "5"]) == 2  # no packed CPU kernel for 5-bit codes
+    if not torch.cuda.is_available():
+        assert main(["bench-kernels", "--device", "cuda"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_generate_prints_text_and_speed(model_dir, tmp_path, capsys):

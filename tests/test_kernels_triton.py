@@ -153,3 +153,17 @@ def test_bad_layouts_are_refused():
         tk.dequant(qw, sc, qz, 9, 64, 32)
     with pytest.raises(ValueError, match="group size"):
         tk.dequant(qw, sc, qz, 4, 64, 48)
+
+
+def test_gpu_bench_harness_runs():
+    """The GPU speed table's harness (CUDA graphs, L2-defeating weight copies) on a tiny shape:
+    rows carry the fields of bench/results/kernels.json and a float64 error check."""
+    from qbayes.kernels.bench_gpu import run_cuda, table_cuda
+
+    rows = run_cuda([(128, 96)], (4,), (1, 20), rounds=1, min_ms=0.2, cache_bytes=5e4, verbose=False)
+    assert [r["batch"] for r in rows] == [1, 20]
+    for r in rows:
+        assert {"device", "bits", "group_size", "K", "N", "batch", "ms", "bf16_ms", "speedup_vs_bf16"} <= set(r)
+        assert r["ms"] > 0 and r["rel_err_vs_float64"] < 1e-2  # bf16 output
+        assert r["weight_copies"][1] >= 2
+    assert table_cuda(rows).count("\n") == 3
