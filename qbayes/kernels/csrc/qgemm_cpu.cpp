@@ -147,9 +147,8 @@ inline void codes32_3(const uint8_t* p, const uint8_t* end, __m256* w) {
 // used for every row): y[m, n] = sum_g s (sum_k c x - z xsum_g).
 void rows3(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_t* qw, const uint16_t* sc,
            const uint8_t* qz, int64_t G, int64_t gs, float* y, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t N_total = N;
   const int64_t row_bytes = K * 3 / 8, zbytes = (G + 7) / 8 * 3 /* packed_length: 8 codes per 3 bytes */, nv = gs / 8;
-  const uint8_t* end = qw + N_total * row_bytes;
+  const uint8_t* end = qw + N * row_bytes;
   std::vector<__m256> wbuf(nv), acc(M);
   std::vector<float> corr(M);
   for (int64_t n = n0; n < n1; ++n) {
