@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -31,6 +32,13 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _announce(build: Path, name: str, what: str) -> None:
+    """Say so on stderr before a first build (about a minute of silence otherwise)."""
+    if not (build / f"{name}.so").exists():
+        print(f"qbayes: compiling the CPU {what} once (about a minute; cached in {build})", file=sys.stderr,
+              flush=True)
+
+
 @functools.lru_cache(maxsize=1)
 def _module():
     if os.environ.get("QBAYES_KERNEL", "").lower() == "reference":
@@ -44,6 +52,7 @@ def _module():
 
     build = cache_dir() / "torch_extensions" / f"qgemm_cpu_{torch.__version__.replace('+', '_')}"
     build.mkdir(parents=True, exist_ok=True)
+    _announce(build, "qbayes_qgemm_cpu", "packed-weight kernels")
     try:
         return load(name="qbayes_qgemm_cpu", sources=[str(SOURCE)], build_directory=str(build),
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
@@ -75,6 +84,7 @@ def decode_ops():
         flags += ["-mavx2", "-mfma"]
     build = cache_dir() / "torch_extensions" / f"decode_cpu_{torch.__version__.replace('+', '_')}"
     build.mkdir(parents=True, exist_ok=True)
+    _announce(build, "qbayes_decode_cpu", "decode-step ops")
     try:
         return load(name="qbayes_decode_cpu", sources=[str(DECODE_SOURCE)], build_directory=str(build),
                     extra_cflags=flags, verbose=False)
