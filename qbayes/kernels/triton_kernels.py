@@ -433,8 +433,9 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     cfg = _TUNED.get(key)
     if cfg is None:
         sms = _sm_count(x.device)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # no timing inside a graph capture
         tune = (x.is_cuda and not interpreted() and os.environ.get("QBAYES_TRITON_TUNE", "1") != "0"
-                and not torch.cuda.is_current_stream_capturing())
+                and not capturing)
         cands = _candidates(M, N, K, bits, word_ok, sms) if tune else []
         if cands:
             def run(c):
@@ -442,7 +443,8 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
             cfg = _tune(key, cands, run)
         else:
             cfg = _heuristic(M, N, K, bits, word_ok, sms)
-        _TUNED[key] = cfg
+        if not capturing:  # a heuristic chosen during a capture is not remembered: the next eager call tunes
+            _TUNED[key] = cfg
     return _launch(cfg, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y)
 
 
@@ -477,14 +479,15 @@ def dequant(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | 
         cfg = _DEQ_TUNED.get(key)
         if cfg is None:
             cfg = (32, 4, 4) if interpreted() else _DEQ_CANDIDATES[0]
-            if (w.is_cuda and os.environ.get("QBAYES_TRITON_TUNE", "1") != "0"
-                    and not torch.cuda.is_current_stream_capturing()):
+            capturing = w.is_cuda and torch.cuda.is_current_stream_capturing()
+            if w.is_cuda and os.environ.get("QBAYES_TRITON_TUNE", "1") != "0" and not capturing:
                 from triton.testing import do_bench
                 ms = {c: do_bench(lambda c=c: _dequant_words(qweight, scales, qzeros, bits, in_features, group_cols,
                                                              w, c), warmup=5, rep=20, return_mode="median")
                       for c in _DEQ_CANDIDATES}
                 cfg = min(ms, key=ms.get)
-            _DEQ_TUNED[key] = cfg
+            if not capturing:
+                _DEQ_TUNED[key] = cfg
         return _dequant_words(qweight, scales, qzeros, bits, in_features, group_cols, w, cfg).to(out_dtype)
     BN, BK = (32, 32) if interpreted() else (32, 128)
     grid = (triton.cdiv(N, BN), triton.cdiv(in_features, BK))
