@@ -55,6 +55,36 @@ def _unsupported(model: nn.Module) -> str | None:
 FUSE_FLOAT_MAX_BYTES = 64 << 20
 
 
+def heads(cfg) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dimension) of a Llama-style config."""
+    H = cfg.num_attention_heads
+    return H, getattr(cfg, "num_key_value_heads", None) or H, getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+
+
+def activation(cfg):
+    return {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
+            "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}[getattr(cfg, "hidden_act", "silu")]
+
+
+def rotary_tables(inner: nn.Module, n: int, dtype, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin_signed`` ``(n, D)`` for positions ``0..n-1`` from the model's own rotary
+    module (scaled RoPE variants included). ``rotate_half(x) * sin == roll(x, D/2) * sin_signed``
+    with ``sin_signed = [-sin_a, sin_b]``."""
+    with torch.no_grad():
+        cos, sin = inner.rotary_emb(torch.zeros(1, device=device, dtype=dtype), torch.arange(n, device=device)[None])
+    half = cos.shape[-1] // 2
+    return cos[0].to(dtype).contiguous(), torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1).to(dtype).contiguous()
+
+
+def _chunk_attention(q, kk, vv, p0: int, scale: float, gqa: bool) -> torch.Tensor:
+    """SDPA of ``T`` queries at positions ``p0..p0+T-1`` over the cached keys ``0..p0+T-1``."""
+    T = q.shape[-2]
+    if T > 1 and p0 > 0:  # a chunk after earlier tokens: explicit mask
+        mask = torch.ones(T, p0 + T, dtype=torch.bool, device=q.device).tril(p0)
+        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, kk, vv, is_causal=T > 1, scale=scale, enable_gqa=gqa)
+
+
 def _fuse(layers: list[nn.Module]) -> nn.Module | None:
     """One layer computing ``cat([l(x) for l in layers], -1)``, or None if they cannot be fused."""
     if all(type(m) is nn.Linear for m in layers):
@@ -119,13 +149,10 @@ class LlamaDecoder:
             p = next(model.buffers())
         self.device, self.dtype = p.device, inner.embed_tokens.weight.dtype
         self.embed = inner.embed_tokens
-        self.H = cfg.num_attention_heads
-        self.KVH = getattr(cfg, "num_key_value_heads", None) or self.H
-        self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
+        self.H, self.KVH, self.D = heads(cfg)
         self.hidden = cfg.hidden_size
         self.max_len = max_len
-        self.act = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
-                    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}[getattr(cfg, "hidden_act", "silu")]
+        self.act = activation(cfg)
         self.layers = []
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
@@ -136,13 +163,7 @@ class LlamaDecoder:
                                 gu, mlp.down_proj, getattr(a, "scaling", self.D ** -0.5)))
         self.norm_w, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
         self.head = model.lm_head
-        with torch.no_grad():
-            pos = torch.arange(max_len, device=self.device)[None]
-            cos, sin = inner.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), pos)
-        half = self.D // 2
-        self.cos = cos[0].to(self.dtype)  # (max_len, D)
-        # rotate_half(x) * sin == roll(x, D/2) * [-sin_a, sin_b]
-        self.sin_signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1).to(self.dtype)
+        self.cos, self.sin_signed = rotary_tables(inner, max_len, self.dtype, self.device)  # (max_len, D)
         n = len(self.layers)
         self.k = torch.zeros(n, self.KVH, max_len, self.D, device=self.device, dtype=self.dtype)
         self.v = torch.zeros_like(self.k)
@@ -156,7 +177,6 @@ class LlamaDecoder:
                 self.layers = [(w1.detach().contiguous(), e1, qkv, o, w2.detach().contiguous(), e2, gu, d, sc)
                                for (w1, e1, qkv, o, w2, e2, gu, d, sc) in self.layers]
                 self.norm_w = self.norm_w.detach().contiguous()
-                self.cos, self.sin_signed = self.cos.contiguous(), self.sin_signed.contiguous()
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -170,7 +190,6 @@ class LlamaDecoder:
             return self._forward_cpu(x, p0, T)
         cos = self.cos[p0:p0 + T, None]
         sin = self.sin_signed[p0:p0 + T, None]
-        causal = T > 1
         for i, (w1, e1, qkv, o_proj, w2, e2, gu, down, scale) in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), w1, e1)
             y = qkv(h)
@@ -180,11 +199,7 @@ class LlamaDecoder:
             self.v[i, :, p0:p0 + T] = y[:, (H + KVH) * D:].view(T, KVH, D).transpose(0, 1)
             q = qk[:, :H].transpose(0, 1)[None]
             kk, vv = self.k[i, :, :p0 + T][None], self.v[i, :, :p0 + T][None]
-            if causal and p0 > 0:  # a chunk after earlier tokens: explicit mask
-                mask = torch.ones(T, p0 + T, dtype=torch.bool, device=x.device).tril(p0)
-                o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale, enable_gqa=KVH != H)
-            else:
-                o = F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, scale=scale, enable_gqa=KVH != H)
+            o = _chunk_attention(q, kk, vv, p0, scale, KVH != H)
             x = x + o_proj(o[0].transpose(0, 1).reshape(T, H * D))
             h = F.rms_norm(x, (self.hidden,), w2, e2)
             g, u = gu(h).chunk(2, -1)
@@ -197,7 +212,6 @@ class LlamaDecoder:
         cache write, and single-query attention (prefill chunks use torch's SDPA)."""
         ops, H, KVH, D = self.ops, self.H, self.KVH, self.D
         x = x.contiguous()
-        causal = T > 1
         r = None
         for i, (w1, e1, qkv, o_proj, w2, e2, gu, down, scale) in enumerate(self.layers):
             h = ops.rmsnorm(x, w1, e1) if r is None else ops.add_rmsnorm_(x, r, w1, e1)
@@ -208,10 +222,7 @@ class LlamaDecoder:
             else:
                 q = y[:, :H * D].view(T, H, D).transpose(0, 1)[None]
                 kk, vv = self.k[i, :, :p0 + T][None], self.v[i, :, :p0 + T][None]
-                mask = None if p0 == 0 else torch.ones(T, p0 + T, dtype=torch.bool).tril(p0)
-                o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, is_causal=causal and p0 == 0,
-                                                   scale=scale, enable_gqa=KVH != H)
-                o = o[0].transpose(0, 1).reshape(T, H * D)
+                o = _chunk_attention(q, kk, vv, p0, scale, KVH != H)[0].transpose(0, 1).reshape(T, H * D)
             h = ops.add_rmsnorm_(x, o_proj(o), w2, e2)
             g, u = gu(h).chunk(2, -1)
             r = down(self.act(g) * u).contiguous()

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QBayesError
@@ -37,7 +36,7 @@ class DecodeStep(nn.Module):
 
     def __init__(self, model: nn.Module, max_positions: int | None = None):
         super().__init__()
-        from ..fastdecode import _unsupported
+        from ..fastdecode import _unsupported, activation, heads, rotary_tables
 
         why = _unsupported(model)
         if why is not None:
@@ -45,20 +44,13 @@ class DecodeStep(nn.Module):
         cfg = model.config
         self.model = model
         inner = model.model
-        self.H = cfg.num_attention_heads
-        self.KVH = getattr(cfg, "num_key_value_heads", None) or self.H
-        self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
+        self.H, self.KVH, self.D = heads(cfg)
         self.n_layers = len(inner.layers)
-        self.act = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
-                    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}[getattr(cfg, "hidden_act", "silu")]
+        self.act = activation(cfg)
         n = max_positions or getattr(cfg, "max_position_embeddings", 4096)
-        dtype = inner.embed_tokens.weight.dtype
-        with torch.no_grad():
-            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dtype), torch.arange(n)[None])
-        half = self.D // 2
-        self.register_buffer("cos", cos[0].to(dtype).contiguous(), persistent=False)
-        self.register_buffer("sin_signed", torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1).to(dtype).contiguous(),
-                             persistent=False)
+        cos, sin_signed = rotary_tables(inner, n, inner.embed_tokens.weight.dtype)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin_signed", sin_signed, persistent=False)
 
     def forward(self, input_ids, past_keys, past_values):
         inner = self.model.model
@@ -127,8 +119,16 @@ def export_onnx_decoder(model: nn.Module, path: str | Path, *, opset: int = 21,
     return report
 
 
-def ort_generate(path: str | Path, prompt_ids: torch.Tensor, max_new_tokens: int, *, threads: int | None = None,
-                 n_layers: int | None = None) -> dict:
+def _empty_cache(sess):
+    """Zero-length past keys and values for a decode-step session (shapes from its inputs)."""
+    import numpy as np
+
+    L, kvh, _, d = sess.get_inputs()[1].shape  # [layers, kv_heads, past, head_dim]
+    return np.zeros((L, kvh, 0, d), np.float32), np.zeros((L, kvh, 0, d), np.float32)
+
+
+def ort_generate(path: str | Path, prompt_ids: torch.Tensor, max_new_tokens: int, *,
+                 threads: int | None = None) -> dict:
     """Greedy generation with ONNX Runtime over a decode-step graph: new token ids and decode tokens/s
     (new tokens after the first, per second after the first token, as :func:`qbayes.generate.generate`)."""
     import numpy as np
@@ -138,10 +138,7 @@ def ort_generate(path: str | Path, prompt_ids: torch.Tensor, max_new_tokens: int
     if threads:
         so.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    shape = sess.get_inputs()[1].shape  # [layers, kv_heads, past, head_dim]
-    L = n_layers or shape[0]
-    past_k = np.zeros((L, shape[1], 0, shape[3]), np.float32)
-    past_v = past_k.copy()
+    past_k, past_v = _empty_cache(sess)
     ids = prompt_ids.reshape(1, -1).numpy().astype(np.int64)
     new, t1 = [], time.perf_counter()
     logits, past_k, past_v = sess.run(None, {"input_ids": ids, "past_keys": past_k, "past_values": past_v})
@@ -162,17 +159,12 @@ def check_decoder(path: str | Path, model: nn.Module, prompt_len: int = 6, steps
     """Largest relative difference between ONNX Runtime's logits (prefill of ``prompt_len``
     random tokens, then ``steps`` single-token steps through the cache) and ``model``'s own
     forward over the same prefixes."""
-    import numpy as np
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    cfg = model.config
-    H = cfg.num_attention_heads
-    KVH = getattr(cfg, "num_key_value_heads", None) or H
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
-    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len + steps), generator=torch.Generator().manual_seed(seed))
-    past = np.zeros((len(model.model.layers), KVH, 0, D), np.float32)
-    k, v, worst = past, past.copy(), 0.0
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len + steps),
+                        generator=torch.Generator().manual_seed(seed))
+    (k, v), worst = _empty_cache(sess), 0.0
     for end in range(prompt_len, prompt_len + steps + 1):
         start = 0 if end == prompt_len else end - 1
         lg, k, v = sess.run(None, {"input_ids": ids[:, start:end].numpy(), "past_keys": k, "past_values": v})
