@@ -63,7 +63,13 @@ def main() -> None:
         kj.write_text(json.dumps(d, indent=1) + "\n")
     lines = ["# Packed low-bit linear layers vs bf16 (GPU, Triton)", "", __doc__.split("    python")[0].strip(), "",
              f"Device: {res['device']} ({res['multiprocessors']} SMs); torch {res['torch']}; Triton {res['triton']}.",
-             "", table_cuda(rows)]
+             "", table_cuda(rows), "",
+             "Fastest configuration of each Triton kernel as the tuner timed it (``triton.testing.do_bench``: "
+             "one weight copy, L2 flushed between calls, no graph; µs):", "",
+             "| K | N | bits | batch | kernel | config | µs |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for kind, (cfg, us) in (r.get("tuner_best_by_kernel_us") or {}).items():
+            lines.append(f"| {r['K']} | {r['N']} | {r['bits']} | {r['batch']} | {kind} | {cfg} | {us} |")
     (RESULTS / "kernels_gpu.md").write_text("\n".join(lines) + "\n")
 
 

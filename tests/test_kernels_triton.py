@@ -91,6 +91,54 @@ def test_word_kernels_any_split_match_reference(bits, n, words, gs_words, m, sym
     assert y.shape == ref.shape and (y - ref).abs().max().item() <= 1e-5 * scale
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bits=st.sampled_from([2, 4, 8]), n=st.integers(1, 70), gw=st.sampled_from([1, 2, 4, 8, 16]),
+       groups=st.integers(1, 5), m=st.sampled_from([1, 2, 3]), symmetric=st.booleans(), bias=st.booleans(),
+       block_n=st.sampled_from([16, 32]), split=st.integers(1, 6), seed=st.integers(0, 10**6))
+def test_group_gemv_any_split_matches_reference(bits, n, gw, groups, m, symmetric, bias, block_n, split, seed):
+    """gemvg: one group (1 to 16 words, read 4 at a time) per step, codes turned into floats in
+    place against reordered, power-of-two-scaled activations; K slices summed by the last one to
+    finish. Equal to the float64 product to float32 rounding, and bit-identical when called
+    again (the slice sums are added in a fixed order; the arrival counters reset themselves)."""
+    gs = gw * 32 // bits
+    K = gs * groups
+    qw, sc, qz = _packed(bits, n, K, gs, symmetric, seed)
+    ref_w = dequantize_packed(qw, sc, qz, bits, K, gs)
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(seed + 1))
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 2)) if bias else None
+    cfg = tk.Config("gemvg", block_n, gs, split)
+    args = (x.to(DEV), qw.to(DEV), sc.to(DEV), None if qz is None else qz.to(DEV), None if b is None else b.to(DEV),
+            bits, K, gs)
+    y = tk.qlinear(*args, config=cfg).cpu()
+    ref = (x.double() @ ref_w.double().T + (0 if b is None else b.double())).float()
+    scale = (x.double().abs() @ ref_w.double().abs().T).max().item() + 1e-6
+    assert y.shape == ref.shape and (y - ref).abs().max().item() <= 1e-5 * scale
+    assert torch.equal(tk.qlinear(*args, config=cfg).cpu(), y)
+
+
+def test_group_gemv_half_activations_and_refusals():
+    """bf16/fp16 activations: float32 arithmetic, one rounding to the output dtype. Layouts the
+    kernel cannot read (3 bits; a group of 3 words) are refused by name."""
+    qw, sc, qz = _packed(4, 24, 256, 64, False, 5)
+    ref_w = dequantize_packed(qw, sc, qz, 4, 256, 64)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(6))
+    for dt in (torch.float16, torch.bfloat16):
+        xd = x.to(dt)
+        y = tk.qlinear(xd.to(DEV), qw.to(DEV), sc.to(DEV), qz.to(DEV), None, 4, 256, 64,
+                       config=tk.Config("gemvg", 32, 64, 3)).cpu()
+        ref = xd.double() @ ref_w.double().T
+        assert y.dtype == dt
+        assert torch.allclose(y.double(), ref, rtol=2 * torch.finfo(dt).eps, atol=1e-6)
+    qw3, sc3, qz3 = _packed(3, 8, 64, 32, False, 0)
+    with pytest.raises(ValueError, match="gemvg"):
+        tk.qlinear(x[:, :64].to(DEV), qw3.to(DEV), sc3.to(DEV), qz3.to(DEV), None, 3, 64, 32,
+                   config=tk.Config("gemvg", 16, 32))
+    qw, sc, qz = _packed(4, 8, 192, 24, False, 0)  # 24 codes = 3 words per group
+    with pytest.raises(ValueError, match="power-of-two"):
+        tk.qlinear(x[:, :192].to(DEV), qw.to(DEV), sc.to(DEV), qz.to(DEV), None, 4, 192, 24,
+                   config=tk.Config("gemvg", 16, 24))
+
+
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bits=st.sampled_from([3, 4, 5, 8]), n=st.integers(1, 40), kg=st.integers(1, 4), m=st.sampled_from([1, 4, 17]),
        split=st.sampled_from([1, 2, 3]), bias=st.booleans(), seed=st.integers(0, 10**6))

@@ -129,11 +129,15 @@ def run_cuda(shapes, bits_list=(4, 8), batches=(1, 16, 256), rounds: int = 7, mi
                                 fns[k] = as_graph(c, False)
                         for k, v in time_interleaved(fns, rounds, min_ms).items():
                             t[f"{k}_{mode}"] = v
-                cfg = None
+                cfg, by_kind = None, {}
                 if M <= GPU_KERNEL_MAX_ROWS:
-                    cfg = next((str(c) for key, c in tk.tuned_configs().items()
+                    key = next((key for key in tk.tuned_configs()
                                 if key[1] == x.dtype and key[2] == bits and key[5] == N and key[6] == K
                                 and key[4] == (M if M <= 4 else 16)), None)
+                    if key is not None:
+                        cfg = str(tk.tuned_configs()[key])
+                        for c, ms in sorted(tk.tuning_log(key).items(), key=lambda kv: kv[1]):
+                            by_kind.setdefault(c.kind, [str(c), round(ms * 1e3, 2)])  # fastest of each kernel
                 row = {"device": "cuda" if CUDA else "cpu-interpreter", "bits": bits, "group_size": 64, "K": K,
                        "N": N, "batch": M, "ms": t["qbayes_graph"], "bf16_ms": t["bf16_graph"],
                        "speedup_vs_bf16": t["bf16_graph"] / t["qbayes_graph"], "dequant_mm_ms": t["deq_graph"],
@@ -142,7 +146,7 @@ def run_cuda(shapes, bits_list=(4, 8), batches=(1, 16, 256), rounds: int = 7, mi
                        "dequant_mm_eager_ms": t["deq_eager"], "rel_err_vs_float64": err,
                        "weight_copies": [len(wbs), len(qs)],
                        "path": "fused Triton kernel" if M <= GPU_KERNEL_MAX_ROWS else "Triton dequantize + cuBLAS",
-                       "config": cfg}
+                       "config": cfg, "tuner_best_by_kernel_us": by_kind}
                 rows.append(row)
                 if verbose:
                     print(json.dumps(row), flush=True)

@@ -7,13 +7,19 @@ bytes for every width (3-bit codes straddle bytes, 2/4/8-bit ones never do). Wei
 symmetric ``2^(bits-1)``), computed in float32 exactly as the reference path computes them.
 
 * :func:`qlinear`: ``y = x Wᵀ (+ b)`` reading the packed bytes directly, for few rows (decoding).
-  Two kernels, both optionally split along K (each split writes float32 partial sums that a
-  second small kernel adds, in a fixed order, so results are deterministic):
+  The kernels below are optionally split along K (each split writes float32 partial sums that
+  are added in a fixed order, so results are deterministic):
 
-  - ``gemv``: 2/4/8-bit rows read as 32-bit words (one load per 16/8/4 codes); the codes of a
-    word are unpacked by shifts into a third tile axis, turned into floats with the exponent
-    trick (``bits(2^23) | c`` is the float ``2^23 + c``, so no integer-to-float conversion), and
-    reduced against the activations; the scale multiplies once per word.
+  - ``gemvg`` (one to four rows, the default there): one quantization group per step, the
+    scale and zero-point loaded once per (row, group), codes turned into floats in place (three
+    instructions per code: and, subtract, fused multiply-add) against activations the block first
+    reorders into a scratch row; K splits are summed by the last slice to finish, so it is one
+    launch. ``bench/sass_gemv.py`` counts its machine instructions on sm_90 without a GPU.
+  - ``gemv``: 2/4/8-bit rows read as a (rows, words) tile of 32-bit words; for each code
+    position one shift peels that code off every word (exponent trick: ``bits(2^23) | c`` is the
+    float ``2^23 + c``, so no integer-to-float conversion) against the strided activations; the
+    scale multiplies once per word. ``dotw``: the same words on the tensor cores, one ``tl.dot``
+    per code position, for 2 to 16 rows.
   - ``dot``: any width 2..8, codes read byte by byte, ``tl.dot`` over a ``(BLOCK_K, BLOCK_N)``
     dequantized tile; float32 activations multiply in IEEE float32 (no TF32 rounding), float16 /
     bfloat16 ones on the tensor cores with the weight rounded to the activation dtype, which is
@@ -161,6 +167,94 @@ if triton is not None:
             tl.store(y_ptr + m * N + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
+    def _gemvg_kernel(x_ptr, qw_ptr, sc_ptr, qz_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, N, K, G, row_words,
+                      zrow_bytes, groups_per_split, n_split, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, GW: tl.constexpr,
+                      XB: tl.constexpr):
+        """Few activation rows (grid axis 2) times ``BLOCK_N`` weight rows, one quantization group
+        (``GW`` 32-bit words per row) per step, over one of ``n_split`` K slices (axis 1); one launch.
+
+        * The block first writes its slice of the activations to a private scratch row in the order
+          the loop reads them, as float32: position ``(h * HALF + j) * GW + w`` of a group holds
+          ``x[w * PER + h * HALF + j] * 2^(-j BITS)``, so code ``j`` of half-word ``h`` of every
+          word is one contiguous vector (Triton has no register shuffles to do this in place).
+        * Codes are not shifted: ``half & (bits(2^23) | mask << j BITS)`` is the float
+          ``2^23 + c 2^(j BITS)`` (the half-word was or-ed with ``bits(2^23)`` once), minus
+          ``2^23 + z 2^(j BITS)`` it is ``(c - z) 2^(j BITS)`` exactly, and the scratch activation
+          carries the ``2^(-j BITS)`` (a power of two: exact): three instructions per code.
+        * Scale and zero-point are loaded once per (row, group); a thread reads 4 words (16 bytes)
+          of a row at a time, which keeps the per-row values in the tile's own layout.
+        * With ``SPLIT`` (``n_split > 1``) each slice stores float32 partial sums and bumps a per-tile counter;
+          the last slice to arrive adds the partials in slice order (deterministic), adds the bias,
+          writes ``y`` and resets the counter for the next launch."""
+        PER: tl.constexpr = 32 // BITS
+        HALF: tl.constexpr = 16 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        GS: tl.constexpr = GW * PER
+        W4: tl.constexpr = 4 if GW > 4 else GW
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        m = tl.program_id(2)
+        n_blocks = tl.num_programs(0)
+        M = tl.num_programs(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_w = tl.arange(0, W4)
+        g_lo = pid_k * groups_per_split
+        g_hi = tl.minimum(g_lo + groups_per_split, G)
+        xs = xs_ptr + ((m * n_split + pid_k) * n_blocks + pid_n) * (groups_per_split * GS)
+        n_codes = (g_hi - g_lo) * GS
+        for o0 in range(0, n_codes, XB):
+            o = o0 + tl.arange(0, XB)
+            r = o % GS
+            q = r // GW
+            v = tl.load(x_ptr + m * K + g_lo * GS + o - r + (r % GW) * PER + q, mask=o < n_codes, other=0.0)
+            p2 = ((127 - (q % HALF) * BITS) << 23).to(tl.float32, bitcast=True)  # 2^(-j BITS), exactly
+            tl.store(xs + o, v.to(tl.float32) * p2, mask=o < n_codes)
+        tl.debug_barrier()  # the block's scratch row is written before any thread reads it
+        acc = tl.zeros((BLOCK_N, W4), dtype=tl.float32)
+        for g in range(g_lo, g_hi):
+            s = tl.load(sc_ptr + offs_n * G + g, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zoff = g * BITS
+                zb = tl.load(qz_ptr + offs_n * zrow_bytes + zoff // 8, mask=n_mask, other=0)
+                z = ((zb.to(tl.int32) >> (zoff % 8)) & MASK).to(tl.float32)
+            else:
+                z = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1 << (BITS - 1)) * 1.0
+            x_g = xs + (g - g_lo) * GS
+            t = tl.zeros((BLOCK_N, W4), dtype=tl.float32)
+            for u in tl.static_range(GW // W4):
+                words = tl.load(qw_ptr + offs_n[:, None] * row_words + (g * GW + u * W4) + offs_w[None, :],
+                                mask=n_mask[:, None], other=0)
+                for h in tl.static_range(2):
+                    if h == 0:
+                        half = (words & 0xFFFF) | 0x4B000000
+                    else:
+                        half = ((words >> 16) & 0xFFFF) | 0x4B000000
+                    for j in tl.static_range(HALF):
+                        xi = tl.load(x_g + (h * HALF + j) * GW + u * W4 + offs_w)
+                        c = (half & (0x4B000000 | (MASK << (j * BITS)))).to(tl.float32, bitcast=True)
+                        t += (c - (z * (1 << (j * BITS)) + 8388608.0)[:, None]) * xi[None, :]
+            acc += t * s[:, None]
+        out = tl.sum(acc, axis=1)
+        if SPLIT:
+            tl.store(part_ptr + (pid_k * M + m) * N + offs_n, out, mask=n_mask)
+            cnt = cnt_ptr + m * n_blocks + pid_n
+            if tl.atomic_add(cnt, 1, sem="acq_rel") == n_split - 1:  # every other slice has stored its sums
+                out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for k in range(n_split):
+                    out += tl.load(part_ptr + (k * M + m) * N + offs_n, mask=n_mask, other=0.0,
+                                   cache_modifier=".cg")
+                if HAS_BIAS:
+                    out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                tl.store(y_ptr + m * N + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+                tl.atomic_xchg(cnt, 0)
+        else:
+            if HAS_BIAS:
+                out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + m * N + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
     def _dotw_kernel(x_ptr, qw_ptr, sc_ptr, qz_ptr, b_ptr, y_ptr, M, N, K, G, GS, row_words, zrow_bytes,
                      words_per_split, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HALF_DOT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -277,8 +371,11 @@ def _check(qweight, scales, qzeros, bits, in_features, group_cols):
 
 @dataclass(frozen=True)
 class Config:
-    """A launch of :func:`qlinear`: ``kind`` "gemv" (32-bit word loads, 2/4/8 bits) or "dot"
-    (any width); ``block_k`` counts codes; ``split_k`` K slices summed by a second kernel."""
+    """A launch of :func:`qlinear`: ``kind`` "gemvg" (one quantization group per step, 2/4/8 bits,
+    a power-of-two number of words per group; ``block_k`` is then the group size), "gemv" (32-bit
+    word loads, 2/4/8 bits), "dotw" (the same words on the tensor cores) or "dot" (any width);
+    ``block_k`` counts codes; ``split_k`` K slices (summed in slice order: by the last slice to
+    finish for gemvg, by a second small kernel for the others)."""
     kind: str
     block_n: int
     block_k: int
@@ -297,7 +394,13 @@ def _word_ok(qweight, bits, in_features, group_cols) -> bool:
             and qweight.data_ptr() % 4 == 0)
 
 
-def _candidates(M, N, K, bits, word_ok, sms) -> list[Config]:
+def _group_words_ok(bits, group_cols, word_ok) -> bool:
+    """The group-stepping gemv wants a power-of-two number of words per group."""
+    gw = group_cols * bits // 32
+    return word_ok and gw >= 1 and gw & (gw - 1) == 0 and group_cols * bits % 32 == 0
+
+
+def _candidates(M, N, K, bits, word_ok, sms, group_cols=0) -> list[Config]:
     """What the tuner times on a GPU: the word kernels where the layout allows (gemv for one to
     four rows, tensor-core ``dotw`` from two), the byte kernel otherwise, each with K splits sized
     so the grid covers the multiprocessors several times over."""
@@ -305,10 +408,14 @@ def _candidates(M, N, K, bits, word_ok, sms) -> list[Config]:
     per = 32 // bits
 
     def add(kind, bn, bk, warps, stages, max_split, cap):
-        for split in (1, 2, 4, 8, 16):
+        for split in (1, 2, 4, 8, 16, 32):
             progs = -(-N // bn) * split
             if split <= max_split and K // split >= bk and (split == 1 or progs <= cap * sms):
                 out.append(Config(kind, bn, bk, split, warps, stages))
+    if _group_words_ok(bits, group_cols, word_ok) and M <= 4:
+        # rows per thread = block_n / (32 warps): 1 or 2; K split into up to 32 slices
+        for bn, warps in ((128, 4), (256, 4), (256, 8), (64, 2), (128, 2)):
+            add("gemvg", bn, group_cols, warps, 1, 32, 16)
     if word_ok:
         if M <= 4:
             for bn, words, warps in ((16, 16, 4), (32, 8, 4), (32, 16, 4), (64, 8, 4), (64, 16, 8), (16, 32, 4),
@@ -324,9 +431,15 @@ def _candidates(M, N, K, bits, word_ok, sms) -> list[Config]:
     return out
 
 
-def _heuristic(M, N, K, bits, word_ok, sms) -> Config:
+def _heuristic(M, N, K, bits, word_ok, sms, group_cols=0) -> Config:
     """The configuration without timing (the interpreter, ``QBAYES_TRITON_TUNE=0``)."""
     per = 32 // bits
+    if M <= 4 and _group_words_ok(bits, group_cols, word_ok):
+        bn = 32 if interpreted() else 128
+        split = 1
+        while -(-N // bn) * split < 8 * sms and K // (2 * split) >= group_cols and split < 32:
+            split *= 2
+        return Config("gemvg", bn, group_cols, split, 4 if bn >= 128 else 1, 1)
     kind, bn, bk = (("gemv", 32, 8 * per) if M <= 4 else ("dotw", 64, 16 * per)) if word_ok else ("dot", 64, 64)
     if interpreted():
         bn, bk = 32, (bk if word_ok else 32)
@@ -339,9 +452,17 @@ def _heuristic(M, N, K, bits, word_ok, sms) -> Config:
 _TUNED: dict = {}
 
 
+_TUNE_LOG: dict = {}
+
+
 def tuned_configs() -> dict:
     """``{(device, dtype, bits, has_zero, rows, N, K, group): Config}`` chosen so far in this process."""
     return dict(_TUNED)
+
+
+def tuning_log(key) -> dict:
+    """``{Config: milliseconds}`` the tuner measured for ``key`` (a key of :func:`tuned_configs`)."""
+    return dict(_TUNE_LOG.get(key, {}))
 
 
 def _sm_count(device) -> int:
@@ -351,6 +472,9 @@ def _sm_count(device) -> int:
 
 
 def _launch(cfg: Config, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y):
+    kw = {} if interpreted() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.kind == "gemvg":
+        return _launch_gemvg(cfg, x, qweight, scales, qzeros, bias, bits, group_cols, y, kw)
     M, K = x.shape
     N = qweight.shape[0]
     G = scales.shape[1]
@@ -359,7 +483,6 @@ def _launch(cfg: Config, x, qweight, scales, qzeros, bias, bits, in_features, gr
     split = cfg.split_k > 1
     out = torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device) if split else y
     b = bias if bias is not None else y
-    kw = {} if interpreted() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     if cfg.kind in ("gemv", "dotw"):
         row_words = qweight.shape[1] // 4
         bw = cfg.block_k * bits // 32
@@ -394,15 +517,55 @@ def _launch(cfg: Config, x, qweight, scales, qzeros, bias, bits, in_features, gr
     return y
 
 
+_COUNTERS: dict = {}
+
+
+def _counters(device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for the split gemvg (each launch leaves them zero again).
+
+    Kept per device and grown as needed, outside any CUDA graph capture (a capture gets its own
+    zeroed buffer, made inside the graph)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        buf = _COUNTERS.get(str(device))
+        return buf if buf is not None and buf.numel() >= n else torch.zeros(n, dtype=torch.int32, device=device)
+    buf = _COUNTERS.get(str(device))
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[str(device)] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
+def _launch_gemvg(cfg: Config, x, qweight, scales, qzeros, bias, bits, group_cols, y, kw):
+    M, K = x.shape
+    N = qweight.shape[0]
+    G = scales.shape[1]
+    gw = group_cols * bits // 32
+    split = max(1, min(cfg.split_k, G))
+    per_split = -(-G // split)
+    split = -(-G // per_split)  # no empty slices
+    n_blocks = triton.cdiv(N, cfg.block_n)
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
+    cnt = _counters(x.device, M * n_blocks) if split > 1 else y
+    xs = torch.empty(M * split * n_blocks * per_split * group_cols, dtype=torch.float32, device=x.device)
+    _gemvg_kernel[(n_blocks, split, M)](x, qweight.view(torch.int32), scales,
+                                         qzeros if qzeros is not None else qweight, bias if bias is not None else y,
+                                         y, part, cnt, xs, N, K, G, qweight.shape[1] // 4,
+                                         qzeros.shape[1] if qzeros is not None else 0, per_split, split, BITS=bits,
+                                         HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None, SPLIT=split > 1,
+                                         BLOCK_N=cfg.block_n, GW=gw, XB=256, **kw)
+    return y
+
+
 def _tune(key, cands, run) -> Config:
     from triton.testing import do_bench
 
     best, best_ms = None, float("inf")
+    log = _TUNE_LOG[key] = {}
     for cfg in cands:
         try:
             ms = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median")
         except Exception:  # a configuration the compiler or the card refuses (shared memory): skip it
             continue
+        log[cfg] = ms
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
@@ -424,6 +587,9 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     word_ok = _word_ok(qweight, bits, in_features, group_cols)
     if config is not None:
+        if config.kind == "gemvg" and not _group_words_ok(bits, group_cols, word_ok):
+            raise ValueError(f"the gemvg kernel needs 2/4/8-bit codes and a power-of-two number of 32-bit words "
+                             f"per group (bits={bits}, group size {group_cols})")
         if config.kind in ("gemv", "dotw") and not word_ok:
             raise ValueError(f"the {config.kind} kernel needs 2/4/8-bit codes in whole words (bits={bits}, K={K}, "
                              f"group size {group_cols})")
@@ -436,13 +602,13 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # no timing inside a graph capture
         tune = (x.is_cuda and not interpreted() and os.environ.get("QBAYES_TRITON_TUNE", "1") != "0"
                 and not capturing)
-        cands = _candidates(M, N, K, bits, word_ok, sms) if tune else []
+        cands = _candidates(M, N, K, bits, word_ok, sms, group_cols) if tune else []
         if cands:
             def run(c):
                 return _launch(c, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y)
             cfg = _tune(key, cands, run)
         else:
-            cfg = _heuristic(M, N, K, bits, word_ok, sms)
+            cfg = _heuristic(M, N, K, bits, word_ok, sms, group_cols)
         if not capturing:  # a heuristic chosen during a capture is not remembered: the next eager call tunes
             _TUNED[key] = cfg
     return _launch(cfg, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y)
