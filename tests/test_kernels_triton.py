@@ -94,8 +94,10 @@ def test_word_kernels_any_split_match_reference(bits, n, words, gs_words, m, sym
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bits=st.sampled_from([2, 4, 8]), n=st.integers(1, 70), gw=st.sampled_from([1, 2, 4, 8, 16]),
        groups=st.integers(1, 5), m=st.sampled_from([1, 2, 3]), symmetric=st.booleans(), bias=st.booleans(),
-       block_n=st.sampled_from([16, 32]), split=st.integers(1, 6), seed=st.integers(0, 10**6))
-def test_group_gemv_any_split_matches_reference(bits, n, gw, groups, m, symmetric, bias, block_n, split, seed):
+       block_n=st.sampled_from([16, 32]), split=st.integers(1, 6), unroll=st.sampled_from([1, 2]),
+       seed=st.integers(0, 10**6))
+def test_group_gemv_any_split_matches_reference(bits, n, gw, groups, m, symmetric, bias, block_n, split, unroll,
+                                                seed):
     """gemvg: one group (1 to 16 words, read 4 at a time) per step, codes turned into floats in
     place against reordered, power-of-two-scaled activations; K slices summed by the last one to
     finish. Equal to the float64 product to float32 rounding, and bit-identical when called
@@ -106,7 +108,7 @@ def test_group_gemv_any_split_matches_reference(bits, n, gw, groups, m, symmetri
     ref_w = dequantize_packed(qw, sc, qz, bits, K, gs)
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(seed + 1))
     b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 2)) if bias else None
-    cfg = tk.Config("gemvg", block_n, gs, split)
+    cfg = tk.Config("gemvg", block_n, gs, split, 4, unroll)  # num_stages: groups per loop step
     args = (x.to(DEV), qw.to(DEV), sc.to(DEV), None if qz is None else qz.to(DEV), None if b is None else b.to(DEV),
             bits, K, gs)
     y = tk.qlinear(*args, config=cfg).cpu()

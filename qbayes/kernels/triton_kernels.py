@@ -170,7 +170,7 @@ if triton is not None:
     def _gemvg_kernel(x_ptr, qw_ptr, sc_ptr, qz_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, N, K, G, row_words,
                       zrow_bytes, groups_per_split, n_split, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, GW: tl.constexpr,
-                      XB: tl.constexpr):
+                      XB: tl.constexpr, UNROLL: tl.constexpr):
         """Few activation rows (grid axis 2) times ``BLOCK_N`` weight rows, one quantization group
         (``GW`` 32-bit words per row) per step, over one of ``n_split`` K slices (axis 1); one launch.
 
@@ -213,29 +213,33 @@ if triton is not None:
             tl.store(xs + o, v.to(tl.float32) * p2, mask=o < n_codes)
         tl.debug_barrier()  # the block's scratch row is written before any thread reads it
         acc = tl.zeros((BLOCK_N, W4), dtype=tl.float32)
-        for g in range(g_lo, g_hi):
-            s = tl.load(sc_ptr + offs_n * G + g, mask=n_mask, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                zoff = g * BITS
-                zb = tl.load(qz_ptr + offs_n * zrow_bytes + zoff // 8, mask=n_mask, other=0)
-                z = ((zb.to(tl.int32) >> (zoff % 8)) & MASK).to(tl.float32)
-            else:
-                z = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1 << (BITS - 1)) * 1.0
-            x_g = xs + (g - g_lo) * GS
-            t = tl.zeros((BLOCK_N, W4), dtype=tl.float32)
-            for u in tl.static_range(GW // W4):
-                words = tl.load(qw_ptr + offs_n[:, None] * row_words + (g * GW + u * W4) + offs_w[None, :],
-                                mask=n_mask[:, None], other=0)
-                for h in tl.static_range(2):
-                    if h == 0:
-                        half = (words & 0xFFFF) | 0x4B000000
-                    else:
-                        half = ((words >> 16) & 0xFFFF) | 0x4B000000
-                    for j in tl.static_range(HALF):
-                        xi = tl.load(x_g + (h * HALF + j) * GW + u * W4 + offs_w)
-                        c = (half & (0x4B000000 | (MASK << (j * BITS)))).to(tl.float32, bitcast=True)
-                        t += (c - (z * (1 << (j * BITS)) + 8388608.0)[:, None]) * xi[None, :]
-            acc += t * s[:, None]
+        for g0 in range(g_lo, g_hi, UNROLL):
+            for e in tl.static_range(UNROLL):  # UNROLL groups' loads in flight per thread
+                g = g0 + e
+                ok = n_mask & (offs_n * 0 + g < g_hi)
+                s = tl.load(sc_ptr + offs_n * G + g, mask=ok, other=0.0).to(tl.float32)
+                if HAS_ZERO:
+                    zoff = g * BITS
+                    zb = tl.load(qz_ptr + offs_n * zrow_bytes + zoff // 8, mask=ok, other=0)
+                    z = ((zb.to(tl.int32) >> (zoff % 8)) & MASK).to(tl.float32)
+                else:
+                    z = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1 << (BITS - 1)) * 1.0
+                x_g = xs + (g - g_lo) * GS
+                t = tl.zeros((BLOCK_N, W4), dtype=tl.float32)
+                for u in tl.static_range(GW // W4):
+                    words = tl.load(qw_ptr + offs_n[:, None] * row_words + (g * GW + u * W4) + offs_w[None, :],
+                                    mask=ok[:, None], other=0)
+                    for h in tl.static_range(2):
+                        if h == 0:
+                            half = (words & 0xFFFF) | 0x4B000000
+                        else:
+                            half = ((words >> 16) & 0xFFFF) | 0x4B000000
+                        for j in tl.static_range(HALF):
+                            xi = tl.load(x_g + (h * HALF + j) * GW + u * W4 + offs_w, mask=offs_w * 0 + g < g_hi,
+                                         other=0.0)
+                            c = (half & (0x4B000000 | (MASK << (j * BITS)))).to(tl.float32, bitcast=True)
+                            t += (c - (z * (1 << (j * BITS)) + 8388608.0)[:, None]) * xi[None, :]
+                acc += t * s[:, None]
         out = tl.sum(acc, axis=1)
         if SPLIT:
             tl.store(part_ptr + (pid_k * M + m) * N + offs_n, out, mask=n_mask)
@@ -375,7 +379,9 @@ class Config:
     a power-of-two number of words per group; ``block_k`` is then the group size), "gemv" (32-bit
     word loads, 2/4/8 bits), "dotw" (the same words on the tensor cores) or "dot" (any width);
     ``block_k`` counts codes; ``split_k`` K slices (summed in slice order: by the last slice to
-    finish for gemvg, by a second small kernel for the others)."""
+    finish for gemvg, by a second small kernel for the others). For gemvg ``num_stages`` is the
+    number of groups per loop step (their loads in flight together); Triton does not pipeline
+    those loads itself."""
     kind: str
     block_n: int
     block_k: int
@@ -415,7 +421,8 @@ def _candidates(M, N, K, bits, word_ok, sms, group_cols=0) -> list[Config]:
     if _group_words_ok(bits, group_cols, word_ok) and M <= 4:
         # rows per thread = block_n / (32 warps): 1 or 2; K split into up to 32 slices
         for bn, warps in ((128, 4), (256, 4), (256, 8), (64, 2), (128, 2)):
-            add("gemvg", bn, group_cols, warps, 1, 32, 16)
+            for unroll in (1, 2):
+                add("gemvg", bn, group_cols, warps, unroll, 32, 16)
     if word_ok:
         if M <= 4:
             for bn, words, warps in ((16, 16, 4), (32, 8, 4), (32, 16, 4), (64, 8, 4), (64, 16, 8), (16, 32, 4),
@@ -551,7 +558,7 @@ def _launch_gemvg(cfg: Config, x, qweight, scales, qzeros, bias, bits, group_col
                                          y, part, cnt, xs, N, K, G, qweight.shape[1] // 4,
                                          qzeros.shape[1] if qzeros is not None else 0, per_split, split, BITS=bits,
                                          HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None, SPLIT=split > 1,
-                                         BLOCK_N=cfg.block_n, GW=gw, XB=256, **kw)
+                                         BLOCK_N=cfg.block_n, GW=gw, XB=256, UNROLL=cfg.num_stages, **kw)
     return y
 
 
