@@ -30,6 +30,19 @@ class Generation:
 
 
 @torch.no_grad()
+
+def _cache_kwarg(model) -> str:
+    """The KV-cache argument of a transformers model: ``cache`` from transformers 5.24 on (which
+    deprecates ``past_key_values``, to be removed in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
 def generate(model: nn.Module, tok, prompt: str | torch.Tensor, max_new_tokens: int = 128, *,
              temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
              engine: str = "auto") -> Generation:
@@ -68,16 +81,16 @@ def generate(model: nn.Module, tok, prompt: str | torch.Tensor, max_new_tokens: 
     else:
         from transformers import DynamicCache
 
+        kw = _cache_kwarg(model)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+        out = model(input_ids=ids, use_cache=True, **{kw: DynamicCache()})
         prefill = time.perf_counter() - t0
         logits = out.logits[0, -1]
-        state = {"cache": out.past_key_values}
+        state = {"cache": _cache_of(out)}
 
         def step(tok_id):
-            o = model(input_ids=torch.tensor([[tok_id]], device=device), past_key_values=state["cache"],
-                      use_cache=True)
-            state["cache"] = o.past_key_values
+            o = model(input_ids=torch.tensor([[tok_id]], device=device), use_cache=True, **{kw: state["cache"]})
+            state["cache"] = _cache_of(o)
             return o.logits[0, -1]
         name = "hf"
 
