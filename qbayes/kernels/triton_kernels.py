@@ -457,6 +457,10 @@ def _heuristic(M, N, K, bits, word_ok, sms, group_cols=0) -> Config:
 
 
 _TUNED: dict = {}
+# multiply-adds fused explicitly: Triton 3.10 turns the default off, and the gemvg loop counts on
+# one FMA per code (the float32 tests allow for either rounding)
+_FUSE = {"enable_fp_fusion": True}
+_EXACT = {"enable_fp_fusion": False}  # dequantization: bit-identical to the reference's float32 ops
 
 
 _TUNE_LOG: dict = {}
@@ -479,7 +483,7 @@ def _sm_count(device) -> int:
 
 
 def _launch(cfg: Config, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y):
-    kw = {} if interpreted() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    kw = {} if interpreted() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **_FUSE}
     if cfg.kind == "gemvg":
         return _launch_gemvg(cfg, x, qweight, scales, qzeros, bias, bits, group_cols, y, kw)
     M, K = x.shape
@@ -520,7 +524,7 @@ def _launch(cfg: Config, x, qweight, scales, qzeros, bias, bits, in_features, gr
     if split:
         BLOCK = 1024
         _split_sum_kernel[(triton.cdiv(M * N, BLOCK),)](out, b, y, M * N, N, S=cfg.split_k,
-                                                         HAS_BIAS=bias is not None, BLOCK=BLOCK)
+                                                         HAS_BIAS=bias is not None, BLOCK=BLOCK, **kw)
     return y
 
 
@@ -629,7 +633,7 @@ def _dequant_words(qweight, scales, qzeros, bits, in_features, group_cols, w, cf
     bn, bw, warps = cfg
     row_words = qweight.shape[1] // 4
     N = qweight.shape[0]
-    kw = {} if interpreted() else {"num_warps": warps}
+    kw = {} if interpreted() else {"num_warps": warps, **_EXACT}
     grid = (triton.cdiv(N, bn), triton.cdiv(row_words, bw))
     _dequant_words_kernel[grid](qweight.view(torch.int32), scales, qzeros if qzeros is not None else qweight, w, N,
                                 in_features, scales.shape[1], group_cols, row_words,
@@ -666,5 +670,6 @@ def dequant(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | 
     grid = (triton.cdiv(N, BN), triton.cdiv(in_features, BK))
     _dequant_kernel[grid](qweight, scales, qzeros if qzeros is not None else qweight, w, N, in_features,
                           scales.shape[1], group_cols, qweight.shape[1], qzeros.shape[1] if qzeros is not None else 0,
-                          BITS=bits, HAS_ZERO=qzeros is not None, BLOCK_N=BN, BLOCK_K=BK)
+                          BITS=bits, HAS_ZERO=qzeros is not None, BLOCK_N=BN, BLOCK_K=BK,
+                          **({} if interpreted() else _EXACT))
     return w.to(out_dtype)
