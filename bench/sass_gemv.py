@@ -88,12 +88,13 @@ def gemv_v2(bits, bn, words, warps, stages):
 def gemvg(bits, bn, gw, warps, stages, split=8):
     sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "qz_ptr": "*u8", "b_ptr": "*bf16",
            "y_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "xs_ptr": "*fp32", "N": "i32", "K": "i32",
-           "G": "i32", "row_words": "i32", "zrow_bytes": "i32", "groups_per_split": "i32", "n_split": "i32"}
+           "G": "i32", "row_words": "i32", "zrow_bytes": "i32", "chunks_per_split": "i32", "n_split": "i32"}
     k = _compile(tk._gemvg_kernel, sig, {"BITS": bits, "HAS_ZERO": True, "HAS_BIAS": False, "SPLIT": split > 1,
-                                          "BLOCK_N": bn, "GW": gw, "XB": 256, "UNROLL": stages},
+                                          "BLOCK_N": bn, "GW": gw, "CW": tk._chunk_words(gw), "XB": 256,
+                                          "UNROLL": stages},
                  ["x_ptr", "qw_ptr", "sc_ptr", "qz_ptr", "b_ptr", "y_ptr", "part_ptr", "cnt_ptr", "xs_ptr", "N", "K",
                   "G", "row_words", "zrow_bytes"], warps, stages)
-    return k, bn * gw * (32 // bits) * stages  # stages: groups per loop step (UNROLL)
+    return k, bn * tk._chunk_words(gw) * (32 // bits) * stages  # stages: chunks per loop step (UNROLL)
 
 
 def main():
@@ -105,6 +106,7 @@ def main():
         gw = 64 * bits // 32
         for bn, warps, stages in ((128, 4, 1), (128, 4, 2), (256, 4, 1), (256, 8, 1), (256, 8, 2)):
             variants.append(("gemvg", gemvg, (bits, bn, gw, warps, stages)))
+    variants.append(("gemvg per-channel", gemvg, (4, 128, 4096 * 4 // 32, 4, 1)))
     for name, f, args in variants:
         k, codes_per_step = f(*args)
         st = _loop_stats(k.asm["cubin"])
@@ -124,7 +126,7 @@ def main():
     meta = {"target": "sm_90 (H100/H200)", "triton": triton.__version__, "sms": SMS, "clock_ghz": CLOCK_GHZ,
             "dram_tb_s": BW_TBS, "shape": [K, N], "group_size": 64}
     (out / "sass_gemv.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = ["| kernel | bits | BLOCK_N | words (v2: per step; gemvg: per group) | warps | stages (gemvg: groups per step) | regs | loop instr | codes/step | "
+    lines = ["| kernel | bits | BLOCK_N | words (v2: per step; gemvg: per group, stepped ≤ 16 at a time) | warps | stages (gemvg: groups per step) | regs | loop instr | codes/step | "
              "instr/code | issue µs | DRAM µs |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kernel']} | {r['bits']} | {r['block_n']} | {r['words']} | {r['num_warps']} | "

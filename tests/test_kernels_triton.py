@@ -92,16 +92,17 @@ def test_word_kernels_any_split_match_reference(bits, n, words, gs_words, m, sym
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(bits=st.sampled_from([2, 4, 8]), n=st.integers(1, 70), gw=st.sampled_from([1, 2, 4, 8, 16]),
-       groups=st.integers(1, 5), m=st.sampled_from([1, 2, 3]), symmetric=st.booleans(), bias=st.booleans(),
+@given(bits=st.sampled_from([2, 4, 8]), n=st.integers(1, 70), gw=st.sampled_from([1, 2, 3, 4, 6, 8, 12, 16, 32]),
+       groups=st.integers(1, 4), m=st.sampled_from([1, 2, 3]), symmetric=st.booleans(), bias=st.booleans(),
        block_n=st.sampled_from([16, 32]), split=st.integers(1, 6), unroll=st.sampled_from([1, 2]),
        seed=st.integers(0, 10**6))
 def test_group_gemv_any_split_matches_reference(bits, n, gw, groups, m, symmetric, bias, block_n, split, unroll,
                                                 seed):
-    """gemvg: one group (1 to 16 words, read 4 at a time) per step, codes turned into floats in
-    place against reordered, power-of-two-scaled activations; K slices summed by the last one to
-    finish. Equal to the float64 product to float32 rounding, and bit-identical when called
-    again (the slice sums are added in a fixed order; the arrival counters reset themselves)."""
+    """gemvg: steps of up to 16 words within a group (any whole number of words per group, read 4
+    at a time), codes turned into floats in place against reordered, power-of-two-scaled
+    activations; K slices summed by the last one to finish. Equal to the float64 product to
+    float32 rounding, and bit-identical when called again (the slice sums are added in a fixed
+    order; the arrival counters reset themselves)."""
     gs = gw * 32 // bits
     K = gs * groups
     qw, sc, qz = _packed(bits, n, K, gs, symmetric, seed)
@@ -118,27 +119,31 @@ def test_group_gemv_any_split_matches_reference(bits, n, gw, groups, m, symmetri
     assert torch.equal(tk.qlinear(*args, config=cfg).cpu(), y)
 
 
-def test_group_gemv_half_activations_and_refusals():
-    """bf16/fp16 activations: float32 arithmetic, one rounding to the output dtype. Layouts the
-    kernel cannot read (3 bits; a group of 3 words) are refused by name."""
+def test_group_gemv_half_activations_per_channel_and_refusal():
+    """bf16/fp16 activations: float32 arithmetic, one rounding to the output dtype; one scale per
+    row (per-channel: a 512-code group stepped 16 words at a time); 3-bit codes, which straddle
+    words, refused by name."""
     qw, sc, qz = _packed(4, 24, 256, 64, False, 5)
     ref_w = dequantize_packed(qw, sc, qz, 4, 256, 64)
-    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(6))
     for dt in (torch.float16, torch.bfloat16):
-        xd = x.to(dt)
+        xd = x[:, :256].to(dt)
         y = tk.qlinear(xd.to(DEV), qw.to(DEV), sc.to(DEV), qz.to(DEV), None, 4, 256, 64,
                        config=tk.Config("gemvg", 32, 64, 3)).cpu()
         ref = xd.double() @ ref_w.double().T
         assert y.dtype == dt
         assert torch.allclose(y.double(), ref, rtol=2 * torch.finfo(dt).eps, atol=1e-6)
+    qw, sc, qz = _packed(4, 40, 512, 512, True, 7)
+    ref_w = dequantize_packed(qw, sc, qz, 4, 512, 512)
+    for split in (1, 3):
+        y = tk.qlinear(x.to(DEV), qw.to(DEV), sc.to(DEV), None, None, 4, 512, 512,
+                       config=tk.Config("gemvg", 32, 0, split)).cpu()
+        ref = x.double() @ ref_w.double().T
+        assert (y - ref).abs().max().item() <= 1e-5 * (x.double().abs() @ ref_w.double().abs().T).max().item()
     qw3, sc3, qz3 = _packed(3, 8, 64, 32, False, 0)
-    with pytest.raises(ValueError, match="gemvg"):
+    with pytest.raises(ValueError, match="gemvg kernel needs"):
         tk.qlinear(x[:, :64].to(DEV), qw3.to(DEV), sc3.to(DEV), qz3.to(DEV), None, 3, 64, 32,
                    config=tk.Config("gemvg", 16, 32))
-    qw, sc, qz = _packed(4, 8, 192, 24, False, 0)  # 24 codes = 3 words per group
-    with pytest.raises(ValueError, match="power-of-two"):
-        tk.qlinear(x[:, :192].to(DEV), qw.to(DEV), sc.to(DEV), qz.to(DEV), None, 4, 192, 24,
-                   config=tk.Config("gemvg", 16, 24))
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,8 +10,8 @@ symmetric ``2^(bits-1)``), computed in float32 exactly as the reference path com
   The kernels below are optionally split along K (each split writes float32 partial sums that
   are added in a fixed order, so results are deterministic):
 
-  - ``gemvg`` (one to four rows, the default there): one quantization group per step, the
-    scale and zero-point loaded once per (row, group), codes turned into floats in place (three
+  - ``gemvg`` (one to four rows, the default there): steps of up to 16 words within one
+    quantization group, the scale and zero-point loaded once per (row, step), codes turned into floats in place (three
     instructions per code: and, subtract, fused multiply-add) against activations the block first
     reorders into a scratch row; K splits are summed by the last slice to finish, so it is one
     launch. ``bench/sass_gemv.py`` counts its machine instructions on sm_90 without a GPU.
@@ -168,30 +168,31 @@ if triton is not None:
 
     @triton.jit
     def _gemvg_kernel(x_ptr, qw_ptr, sc_ptr, qz_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, N, K, G, row_words,
-                      zrow_bytes, groups_per_split, n_split, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                      zrow_bytes, chunks_per_split, n_split, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, GW: tl.constexpr,
-                      XB: tl.constexpr, UNROLL: tl.constexpr):
-        """Few activation rows (grid axis 2) times ``BLOCK_N`` weight rows, one quantization group
-        (``GW`` 32-bit words per row) per step, over one of ``n_split`` K slices (axis 1); one launch.
+                      CW: tl.constexpr, XB: tl.constexpr, UNROLL: tl.constexpr):
+        """Few activation rows (grid axis 2) times ``BLOCK_N`` weight rows, one chunk of ``CW``
+        32-bit words per row per step (a power of two dividing the ``GW`` words of a quantization
+        group), over one of ``n_split`` K slices (axis 1); one launch.
 
         * The block first writes its slice of the activations to a private scratch row in the order
-          the loop reads them, as float32: position ``(h * HALF + j) * GW + w`` of a group holds
+          the loop reads them, as float32: position ``(h * HALF + j) * CW + w`` of a chunk holds
           ``x[w * PER + h * HALF + j] * 2^(-j BITS)``, so code ``j`` of half-word ``h`` of every
           word is one contiguous vector (Triton has no register shuffles to do this in place).
         * Codes are not shifted: ``half & (bits(2^23) | mask << j BITS)`` is the float
           ``2^23 + c 2^(j BITS)`` (the half-word was or-ed with ``bits(2^23)`` once), minus
           ``2^23 + z 2^(j BITS)`` it is ``(c - z) 2^(j BITS)`` exactly, and the scratch activation
           carries the ``2^(-j BITS)`` (a power of two: exact): three instructions per code.
-        * Scale and zero-point are loaded once per (row, group); a thread reads 4 words (16 bytes)
+        * Scale and zero-point are loaded once per (row, chunk); a thread reads 4 words (16 bytes)
           of a row at a time, which keeps the per-row values in the tile's own layout.
-        * With ``SPLIT`` (``n_split > 1``) each slice stores float32 partial sums and bumps a per-tile counter;
-          the last slice to arrive adds the partials in slice order (deterministic), adds the bias,
-          writes ``y`` and resets the counter for the next launch."""
+        * With ``SPLIT`` (``n_split > 1``) each slice stores float32 partial sums and bumps a
+          per-tile counter; the last slice to arrive adds the partials in slice order
+          (deterministic), adds the bias, writes ``y`` and resets the counter for the next launch."""
         PER: tl.constexpr = 32 // BITS
         HALF: tl.constexpr = 16 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
-        GS: tl.constexpr = GW * PER
-        W4: tl.constexpr = 4 if GW > 4 else GW
+        CS: tl.constexpr = CW * PER
+        W4: tl.constexpr = 4 if CW > 4 else CW
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         m = tl.program_id(2)
@@ -200,23 +201,24 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         offs_w = tl.arange(0, W4)
-        g_lo = pid_k * groups_per_split
-        g_hi = tl.minimum(g_lo + groups_per_split, G)
-        xs = xs_ptr + ((m * n_split + pid_k) * n_blocks + pid_n) * (groups_per_split * GS)
-        n_codes = (g_hi - g_lo) * GS
+        c_lo = pid_k * chunks_per_split
+        c_hi = tl.minimum(c_lo + chunks_per_split, row_words // CW)
+        xs = xs_ptr + ((m * n_split + pid_k) * n_blocks + pid_n) * (chunks_per_split * CS)
+        n_codes = (c_hi - c_lo) * CS
         for o0 in range(0, n_codes, XB):
             o = o0 + tl.arange(0, XB)
-            r = o % GS
-            q = r // GW
-            v = tl.load(x_ptr + m * K + g_lo * GS + o - r + (r % GW) * PER + q, mask=o < n_codes, other=0.0)
+            r = o % CS
+            q = r // CW
+            v = tl.load(x_ptr + m * K + c_lo * CS + o - r + (r % CW) * PER + q, mask=o < n_codes, other=0.0)
             p2 = ((127 - (q % HALF) * BITS) << 23).to(tl.float32, bitcast=True)  # 2^(-j BITS), exactly
             tl.store(xs + o, v.to(tl.float32) * p2, mask=o < n_codes)
         tl.debug_barrier()  # the block's scratch row is written before any thread reads it
         acc = tl.zeros((BLOCK_N, W4), dtype=tl.float32)
-        for g0 in range(g_lo, g_hi, UNROLL):
-            for e in tl.static_range(UNROLL):  # UNROLL groups' loads in flight per thread
-                g = g0 + e
-                ok = n_mask & (offs_n * 0 + g < g_hi)
+        for c0 in range(c_lo, c_hi, UNROLL):
+            for e in tl.static_range(UNROLL):  # UNROLL chunks' loads in flight per thread
+                ch = c0 + e
+                ok = n_mask & (offs_n * 0 + ch < c_hi)
+                g = (ch * CW) // GW
                 s = tl.load(sc_ptr + offs_n * G + g, mask=ok, other=0.0).to(tl.float32)
                 if HAS_ZERO:
                     zoff = g * BITS
@@ -224,10 +226,10 @@ if triton is not None:
                     z = ((zb.to(tl.int32) >> (zoff % 8)) & MASK).to(tl.float32)
                 else:
                     z = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1 << (BITS - 1)) * 1.0
-                x_g = xs + (g - g_lo) * GS
+                x_c = xs + (ch - c_lo) * CS
                 t = tl.zeros((BLOCK_N, W4), dtype=tl.float32)
-                for u in tl.static_range(GW // W4):
-                    words = tl.load(qw_ptr + offs_n[:, None] * row_words + (g * GW + u * W4) + offs_w[None, :],
+                for u in tl.static_range(CW // W4):
+                    words = tl.load(qw_ptr + offs_n[:, None] * row_words + (ch * CW + u * W4) + offs_w[None, :],
                                     mask=ok[:, None], other=0)
                     for h in tl.static_range(2):
                         if h == 0:
@@ -235,7 +237,7 @@ if triton is not None:
                         else:
                             half = ((words >> 16) & 0xFFFF) | 0x4B000000
                         for j in tl.static_range(HALF):
-                            xi = tl.load(x_g + (h * HALF + j) * GW + u * W4 + offs_w, mask=offs_w * 0 + g < g_hi,
+                            xi = tl.load(x_c + (h * HALF + j) * CW + u * W4 + offs_w, mask=offs_w * 0 + ch < c_hi,
                                          other=0.0)
                             c = (half & (0x4B000000 | (MASK << (j * BITS)))).to(tl.float32, bitcast=True)
                             t += (c - (z * (1 << (j * BITS)) + 8388608.0)[:, None]) * xi[None, :]
@@ -375,8 +377,8 @@ def _check(qweight, scales, qzeros, bits, in_features, group_cols):
 
 @dataclass(frozen=True)
 class Config:
-    """A launch of :func:`qlinear`: ``kind`` "gemvg" (one quantization group per step, 2/4/8 bits,
-    a power-of-two number of words per group; ``block_k`` is then the group size), "gemv" (32-bit
+    """A launch of :func:`qlinear`: ``kind`` "gemvg" (2/4/8 bits, whole words per group; it steps
+    by the largest power of two up to 16 words that divides a group, whatever ``block_k``), "gemv" (32-bit
     word loads, 2/4/8 bits), "dotw" (the same words on the tensor cores) or "dot" (any width);
     ``block_k`` counts codes; ``split_k`` K slices (summed in slice order: by the last slice to
     finish for gemvg, by a second small kernel for the others). For gemvg ``num_stages`` is the
@@ -400,29 +402,24 @@ def _word_ok(qweight, bits, in_features, group_cols) -> bool:
             and qweight.data_ptr() % 4 == 0)
 
 
-def _group_words_ok(bits, group_cols, word_ok) -> bool:
-    """The group-stepping gemv wants a power-of-two number of words per group."""
-    gw = group_cols * bits // 32
-    return word_ok and gw >= 1 and gw & (gw - 1) == 0 and group_cols * bits % 32 == 0
-
-
 def _candidates(M, N, K, bits, word_ok, sms, group_cols=0) -> list[Config]:
-    """What the tuner times on a GPU: the word kernels where the layout allows (gemv for one to
-    four rows, tensor-core ``dotw`` from two), the byte kernel otherwise, each with K splits sized
-    so the grid covers the multiprocessors several times over."""
+    """What the tuner times on a GPU: the word kernels where the layout allows (gemvg and gemv for
+    one to four rows, tensor-core ``dotw`` from two), the byte kernel otherwise, each with K splits
+    sized so the grid covers the multiprocessors several times over."""
     out = []
     per = 32 // bits
+    step = _chunk_words(group_cols * bits // 32) * per  # gemvg's codes per row per step
 
     def add(kind, bn, bk, warps, stages, max_split, cap):
         for split in (1, 2, 4, 8, 16, 32):
             progs = -(-N // bn) * split
             if split <= max_split and K // split >= bk and (split == 1 or progs <= cap * sms):
                 out.append(Config(kind, bn, bk, split, warps, stages))
-    if _group_words_ok(bits, group_cols, word_ok) and M <= 4:
+    if word_ok and M <= 4:
         # rows per thread = block_n / (32 warps): 1 or 2; K split into up to 32 slices
         for bn, warps in ((128, 4), (256, 4), (256, 8), (64, 2), (128, 2)):
             for unroll in (1, 2):
-                add("gemvg", bn, group_cols, warps, unroll, 32, 16)
+                add("gemvg", bn, step, warps, unroll, 32, 16)
     if word_ok:
         if M <= 4:
             for bn, words, warps in ((16, 16, 4), (32, 8, 4), (32, 16, 4), (64, 8, 4), (64, 16, 8), (16, 32, 4),
@@ -441,12 +438,13 @@ def _candidates(M, N, K, bits, word_ok, sms, group_cols=0) -> list[Config]:
 def _heuristic(M, N, K, bits, word_ok, sms, group_cols=0) -> Config:
     """The configuration without timing (the interpreter, ``QBAYES_TRITON_TUNE=0``)."""
     per = 32 // bits
-    if M <= 4 and _group_words_ok(bits, group_cols, word_ok):
+    if M <= 4 and word_ok:
         bn = 32 if interpreted() else 128
+        step = _chunk_words(group_cols * bits // 32) * per
         split = 1
-        while -(-N // bn) * split < 8 * sms and K // (2 * split) >= group_cols and split < 32:
+        while -(-N // bn) * split < 8 * sms and K // (2 * split) >= step and split < 32:
             split *= 2
-        return Config("gemvg", bn, group_cols, split, 4 if bn >= 128 else 1, 1)
+        return Config("gemvg", bn, step, split, 4 if bn >= 128 else 1, 1)
     kind, bn, bk = (("gemv", 32, 8 * per) if M <= 4 else ("dotw", 64, 16 * per)) if word_ok else ("dot", 64, 64)
     if interpreted():
         bn, bk = 32, (bk if word_ok else 32)
@@ -545,24 +543,35 @@ def _counters(device, n: int) -> torch.Tensor:
     return buf
 
 
+def _chunk_words(group_words: int) -> int:
+    """gemvg's step: the largest power of two up to 16 words dividing a group's words."""
+    cw = 16
+    while group_words % cw:
+        cw //= 2
+    return cw
+
+
 def _launch_gemvg(cfg: Config, x, qweight, scales, qzeros, bias, bits, group_cols, y, kw):
     M, K = x.shape
     N = qweight.shape[0]
     G = scales.shape[1]
+    row_words = qweight.shape[1] // 4
     gw = group_cols * bits // 32
-    split = max(1, min(cfg.split_k, G))
-    per_split = -(-G // split)
-    split = -(-G // per_split)  # no empty slices
+    cw = _chunk_words(gw)
+    chunks = row_words // cw
+    split = max(1, min(cfg.split_k, chunks))
+    per_split = -(-chunks // split)
+    split = -(-chunks // per_split)  # no empty slices
     n_blocks = triton.cdiv(N, cfg.block_n)
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     cnt = _counters(x.device, M * n_blocks) if split > 1 else y
-    xs = torch.empty(M * split * n_blocks * per_split * group_cols, dtype=torch.float32, device=x.device)
+    xs = torch.empty(M * split * n_blocks * per_split * cw * (32 // bits), dtype=torch.float32, device=x.device)
     _gemvg_kernel[(n_blocks, split, M)](x, qweight.view(torch.int32), scales,
                                          qzeros if qzeros is not None else qweight, bias if bias is not None else y,
-                                         y, part, cnt, xs, N, K, G, qweight.shape[1] // 4,
+                                         y, part, cnt, xs, N, K, G, row_words,
                                          qzeros.shape[1] if qzeros is not None else 0, per_split, split, BITS=bits,
                                          HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None, SPLIT=split > 1,
-                                         BLOCK_N=cfg.block_n, GW=gw, XB=256, UNROLL=cfg.num_stages, **kw)
+                                         BLOCK_N=cfg.block_n, GW=gw, CW=cw, XB=256, UNROLL=cfg.num_stages, **kw)
     return y
 
 
@@ -598,10 +607,7 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     word_ok = _word_ok(qweight, bits, in_features, group_cols)
     if config is not None:
-        if config.kind == "gemvg" and not _group_words_ok(bits, group_cols, word_ok):
-            raise ValueError(f"the gemvg kernel needs 2/4/8-bit codes and a power-of-two number of 32-bit words "
-                             f"per group (bits={bits}, group size {group_cols})")
-        if config.kind in ("gemv", "dotw") and not word_ok:
+        if config.kind in ("gemvg", "gemv", "dotw") and not word_ok:
             raise ValueError(f"the {config.kind} kernel needs 2/4/8-bit codes in whole words (bits={bits}, K={K}, "
                              f"group size {group_cols})")
         return _launch(config, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y)
