@@ -113,7 +113,8 @@ def main():
         threads = args[3] * 32
         per_code = st["loop_instructions"] * threads / codes_per_step  # thread instructions per code
         bits = args[0]
-        weight_bytes = K * N * bits / 8 + K * N / 64 * 2 + K * N / 64 * bits / 8
+        group = 64 if name.startswith("gemv (v2)") else args[2] * 32 // bits
+        weight_bytes = K * N * bits / 8 + K * N / group * 2 + K * N / group * bits / 8
         issue_us = K * N * per_code / 32 / (SMS * 4 * CLOCK_GHZ * 1e3)
         rows.append({"kernel": name, "bits": bits, "block_n": args[1], "words": args[2], "num_warps": args[3],
                      "num_stages": args[4], "registers": st["registers"], "loop_instructions": st["loop_instructions"],
