@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -529,17 +530,20 @@ def _launch(cfg: Config, x, qweight, scales, qzeros, bias, bits, in_features, gr
 _COUNTERS: dict = {}
 
 
-def _counters(device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters for the split gemvg (each launch leaves them zero again).
+def _counters(qweight: torch.Tensor, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for a split gemvg launch on this weight (each launch leaves
+    them zero again).
 
-    Kept per device and grown as needed, outside any CUDA graph capture (a capture gets its own
-    zeroed buffer, made inside the graph)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        buf = _COUNTERS.get(str(device))
-        return buf if buf is not None and buf.numel() >= n else torch.zeros(n, dtype=torch.int32, device=device)
-    buf = _COUNTERS.get(str(device))
+    One buffer per packed weight (dropped with it), so launches of different layers may overlap
+    (streams, graphs); made outside any CUDA graph capture when possible (the tuner's eager
+    first call), else inside the capture, which then owns it."""
+    key = id(qweight)
+    entry = _COUNTERS.get(key)
+    buf = entry[1] if entry is not None and entry[0]() is qweight else None
     if buf is None or buf.numel() < n:
-        buf = _COUNTERS[str(device)] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        buf = torch.zeros(n, dtype=torch.int32, device=qweight.device)
+        if not (qweight.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _COUNTERS[key] = (weakref.ref(qweight, lambda _, key=key: _COUNTERS.pop(key, None)), buf)
     return buf
 
 
@@ -564,7 +568,7 @@ def _launch_gemvg(cfg: Config, x, qweight, scales, qzeros, bias, bits, group_col
     split = -(-chunks // per_split)  # no empty slices
     n_blocks = triton.cdiv(N, cfg.block_n)
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
-    cnt = _counters(x.device, M * n_blocks) if split > 1 else y
+    cnt = _counters(qweight, M * n_blocks) if split > 1 else y
     xs = torch.empty(M * split * n_blocks * per_split * cw * (32 // bits), dtype=torch.float32, device=x.device)
     _gemvg_kernel[(n_blocks, split, M)](x, qweight.view(torch.int32), scales,
                                          qzeros if qzeros is not None else qweight, bias if bias is not None else y,
