@@ -51,8 +51,14 @@ except ImportError:  # triton is optional: only CUDA machines (and the CI interp
     tl = None
 
 
+@functools.lru_cache(maxsize=1)
 def interpreted() -> bool:
+    """Triton's interpreter is on (read once: Triton itself reads it when it is imported)."""
     return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a JIT function: slow to call from Python at every launch
 
 
 @functools.lru_cache(maxsize=1)
@@ -466,7 +472,7 @@ _TUNE_LOG: dict = {}
 
 
 def tuned_configs() -> dict:
-    """``{(device, dtype, bits, has_zero, rows, N, K, group): Config}`` chosen so far in this process."""
+    """``{(torch.device, dtype, bits, has_zero, rows, N, K, group): Config}`` chosen so far in this process."""
     return dict(_TUNED)
 
 
@@ -498,14 +504,14 @@ def _launch(cfg: Config, x, qweight, scales, qzeros, bias, bits, in_features, gr
         bw = cfg.block_k * bits // 32
         per_split = -(-row_words // cfg.split_k)
         per_split = -(-per_split // bw) * bw
-        qw32 = qweight.view(torch.int32)
+        qw32 = _weight_state(qweight)["qw32"]
         common = dict(BITS=bits, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None, SPLIT=split, **kw)
         if cfg.kind == "gemv":
-            grid = (triton.cdiv(N, cfg.block_n), cfg.split_k, M)
+            grid = (_cdiv(N, cfg.block_n), cfg.split_k, M)
             _gemv_kernel[grid](x, qw32, scales, qz, b, out, N, K, G, group_cols, row_words, zrow, per_split,
                                BLOCK_N=cfg.block_n, BLOCK_W=bw, **common)
         else:
-            grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, 16), cfg.split_k)
+            grid = (_cdiv(N, cfg.block_n), _cdiv(M, 16), cfg.split_k)
             half = x.dtype in (torch.float16, torch.bfloat16) and not interpreted()
             _dotw_kernel[grid](x, qw32, scales, qz, b, out, M, N, K, G, group_cols, row_words, zrow, per_split,
                                HALF_DOT=half, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_W=bw, **common)
@@ -515,35 +521,43 @@ def _launch(cfg: Config, x, qweight, scales, qzeros, bias, bits, in_features, gr
         bm = 16 if use_dot else min(64, 1 << max(0, (M - 1).bit_length()))
         per_split = -(-K // cfg.split_k)
         per_split = -(-per_split // cfg.block_k) * cfg.block_k
-        grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, bm), cfg.split_k)
+        grid = (_cdiv(N, cfg.block_n), _cdiv(M, bm), cfg.split_k)
         _qlinear_kernel[grid](x, qweight, scales, qz, b, out, M, N, K, G, group_cols, qweight.shape[1], zrow,
                               per_split, BITS=bits, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None,
                               USE_DOT=use_dot, HALF_DOT=half, SPLIT=split, BLOCK_M=bm, BLOCK_N=cfg.block_n,
                               BLOCK_K=cfg.block_k, **kw)
     if split:
         BLOCK = 1024
-        _split_sum_kernel[(triton.cdiv(M * N, BLOCK),)](out, b, y, M * N, N, S=cfg.split_k,
+        _split_sum_kernel[(_cdiv(M * N, BLOCK),)](out, b, y, M * N, N, S=cfg.split_k,
                                                          HAS_BIAS=bias is not None, BLOCK=BLOCK, **kw)
     return y
 
 
-_COUNTERS: dict = {}
+_WEIGHTS: dict = {}
+
+
+def _weight_state(qweight: torch.Tensor) -> dict:
+    """Per packed weight (dropped with it): its int32 view, and the arrival counters of split
+    gemvg launches (zeroed; each launch leaves them zero again). One counter buffer per weight,
+    so launches of different layers may overlap (streams, graphs)."""
+    key = id(qweight)
+    entry = _WEIGHTS.get(key)
+    if entry is not None and entry[0]() is qweight:
+        return entry[1]
+    state = {"qw32": qweight.view(torch.int32), "cnt": None}
+    _WEIGHTS[key] = (weakref.ref(qweight, lambda _, key=key: _WEIGHTS.pop(key, None)), state)
+    return state
 
 
 def _counters(qweight: torch.Tensor, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters for a split gemvg launch on this weight (each launch leaves
-    them zero again).
-
-    One buffer per packed weight (dropped with it), so launches of different layers may overlap
-    (streams, graphs); made outside any CUDA graph capture when possible (the tuner's eager
-    first call), else inside the capture, which then owns it."""
-    key = id(qweight)
-    entry = _COUNTERS.get(key)
-    buf = entry[1] if entry is not None and entry[0]() is qweight else None
+    """Zeroed counters for ``n`` tiles: made outside any CUDA graph capture when possible (the
+    tuner's eager first call), else inside the capture, which then owns them."""
+    state = _weight_state(qweight)
+    buf = state["cnt"]
     if buf is None or buf.numel() < n:
         buf = torch.zeros(n, dtype=torch.int32, device=qweight.device)
         if not (qweight.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _COUNTERS[key] = (weakref.ref(qweight, lambda _, key=key: _COUNTERS.pop(key, None)), buf)
+            state["cnt"] = buf
     return buf
 
 
@@ -566,11 +580,11 @@ def _launch_gemvg(cfg: Config, x, qweight, scales, qzeros, bias, bits, group_col
     split = max(1, min(cfg.split_k, chunks))
     per_split = -(-chunks // split)
     split = -(-chunks // per_split)  # no empty slices
-    n_blocks = triton.cdiv(N, cfg.block_n)
+    n_blocks = _cdiv(N, cfg.block_n)
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     cnt = _counters(qweight, M * n_blocks) if split > 1 else y
     xs = torch.empty(M * split * n_blocks * per_split * cw * (32 // bits), dtype=torch.float32, device=x.device)
-    _gemvg_kernel[(n_blocks, split, M)](x, qweight.view(torch.int32), scales,
+    _gemvg_kernel[(n_blocks, split, M)](x, _weight_state(qweight)["qw32"], scales,
                                          qzeros if qzeros is not None else qweight, bias if bias is not None else y,
                                          y, part, cnt, xs, N, K, G, row_words,
                                          qzeros.shape[1] if qzeros is not None else 0, per_split, split, BITS=bits,
@@ -616,7 +630,7 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
                              f"group size {group_cols})")
         return _launch(config, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y)
     rows = M if M <= 4 else 16 if M <= 16 else 64
-    key = (str(x.device), x.dtype, bits, qzeros is not None, rows, N, K, group_cols)
+    key = (x.device, x.dtype, bits, qzeros is not None, rows, N, K, group_cols)
     cfg = _TUNED.get(key)
     if cfg is None:
         sms = _sm_count(x.device)
@@ -644,7 +658,7 @@ def _dequant_words(qweight, scales, qzeros, bits, in_features, group_cols, w, cf
     row_words = qweight.shape[1] // 4
     N = qweight.shape[0]
     kw = {} if interpreted() else {"num_warps": warps, **_EXACT}
-    grid = (triton.cdiv(N, bn), triton.cdiv(row_words, bw))
+    grid = (_cdiv(N, bn), _cdiv(row_words, bw))
     _dequant_words_kernel[grid](qweight.view(torch.int32), scales, qzeros if qzeros is not None else qweight, w, N,
                                 in_features, scales.shape[1], group_cols, row_words,
                                 qzeros.shape[1] if qzeros is not None else 0, BITS=bits,
@@ -662,7 +676,7 @@ def dequant(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | 
         dtype = torch.float32
     w = torch.empty(N, in_features, dtype=dtype, device=qweight.device)
     if _word_ok(qweight, bits, in_features, group_cols):
-        key = (str(w.device), dtype, bits, qzeros is not None, N, in_features, group_cols)
+        key = (w.device, dtype, bits, qzeros is not None, N, in_features, group_cols)
         cfg = _DEQ_TUNED.get(key)
         if cfg is None:
             cfg = (32, 4, 4) if interpreted() else _DEQ_CANDIDATES[0]
@@ -677,7 +691,7 @@ def dequant(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | 
                 _DEQ_TUNED[key] = cfg
         return _dequant_words(qweight, scales, qzeros, bits, in_features, group_cols, w, cfg).to(out_dtype)
     BN, BK = (32, 32) if interpreted() else (32, 128)
-    grid = (triton.cdiv(N, BN), triton.cdiv(in_features, BK))
+    grid = (_cdiv(N, BN), _cdiv(in_features, BK))
     _dequant_kernel[grid](qweight, scales, qzeros if qzeros is not None else qweight, w, N, in_features,
                           scales.shape[1], group_cols, qweight.shape[1], qzeros.shape[1] if qzeros is not None else 0,
                           BITS=bits, HAS_ZERO=qzeros is not None, BLOCK_N=BN, BLOCK_K=BK,
