@@ -20,7 +20,6 @@ import logging
 from typing import Callable, Mapping
 
 import torch
-from greenlet import getcurrent, greenlet
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -104,6 +103,8 @@ def interleaved_forward(block: nn.Module, inputs: list[tuple[tuple, dict]], stag
     batches resume, so whatever it changes (the stage's weights) is what they compute with.
     Returns the block outputs per batch.
     """
+    from greenlet import getcurrent, greenlet  # here, not at import: only calibration needs it
+
     main = getcurrent()
     paused: set[tuple[int, int]] = set()
 
