@@ -189,7 +189,8 @@ if triton is not None:
         * Codes are not shifted: ``half & (bits(2^23) | mask << j BITS)`` is the float
           ``2^23 + c 2^(j BITS)`` (the half-word was or-ed with ``bits(2^23)`` once), minus
           ``2^23 + z 2^(j BITS)`` it is ``(c - z) 2^(j BITS)`` exactly, and the scratch activation
-          carries the ``2^(-j BITS)`` (a power of two: exact): three instructions per code.
+          carries the ``2^(-j BITS)`` (a power of two: exact for activations above 2^-110): three
+          instructions per code.
         * Scale and zero-point are loaded once per (row, chunk); a thread reads 4 words (16 bytes)
           of a row at a time, which keeps the per-row values in the tile's own layout.
         * With ``SPLIT`` (``n_split > 1``) each slice stores float32 partial sums and bumps a
