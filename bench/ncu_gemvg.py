@@ -38,10 +38,7 @@ def main() -> None:
     if args.tune:
         tk.qlinear(x, **call)
         key, cfg = next(iter(tk.tuned_configs().items()))
-        best = {}
-        for c, ms in sorted(tk.tuning_log(key).items(), key=lambda kv: kv[1]):
-            best.setdefault(c.kind, (str(c), round(ms * 1e3, 2)))
-        print(json.dumps(best))
+        print(json.dumps(tk.fastest_by_kind(key)))
         print(json.dumps(cfg.__dict__))
         return
     cfg = tk.Config(**json.loads(args.config))

@@ -136,8 +136,7 @@ def run_cuda(shapes, bits_list=(4, 8), batches=(1, 16, 256), rounds: int = 7, mi
                                 and key[4] == (M if M <= 4 else 16)), None)
                     if key is not None:
                         cfg = str(tk.tuned_configs()[key])
-                        for c, ms in sorted(tk.tuning_log(key).items(), key=lambda kv: kv[1]):
-                            by_kind.setdefault(c.kind, [str(c), round(ms * 1e3, 2)])  # fastest of each kernel
+                        by_kind = tk.fastest_by_kind(key)
                 row = {"device": "cuda" if CUDA else "cpu-interpreter", "bits": bits, "group_size": 64, "K": K,
                        "N": N, "batch": M, "ms": t["qbayes_graph"], "bf16_ms": t["bf16_graph"],
                        "speedup_vs_bf16": t["bf16_graph"] / t["qbayes_graph"], "dequant_mm_ms": t["deq_graph"],

@@ -410,7 +410,7 @@ def _word_ok(qweight, bits, in_features, group_cols) -> bool:
             and qweight.data_ptr() % 4 == 0)
 
 
-def _candidates(M, N, K, bits, word_ok, sms, group_cols=0) -> list[Config]:
+def _candidates(M, N, K, bits, word_ok, sms, group_cols) -> list[Config]:
     """What the tuner times on a GPU: the word kernels where the layout allows (gemvg and gemv for
     one to four rows, tensor-core ``dotw`` from two), the byte kernel otherwise, each with K splits
     sized so the grid covers the multiprocessors several times over."""
@@ -442,7 +442,7 @@ def _candidates(M, N, K, bits, word_ok, sms, group_cols=0) -> list[Config]:
     return out
 
 
-def _heuristic(M, N, K, bits, word_ok, sms, group_cols=0) -> Config:
+def _heuristic(M, N, K, bits, word_ok, sms, group_cols) -> Config:
     """The configuration without timing (the interpreter, ``QBAYES_TRITON_TUNE=0``)."""
     per = 32 // bits
     if M <= 4 and word_ok:
@@ -476,9 +476,13 @@ def tuned_configs() -> dict:
     return dict(_TUNED)
 
 
-def tuning_log(key) -> dict:
-    """``{Config: milliseconds}`` the tuner measured for ``key`` (a key of :func:`tuned_configs`)."""
-    return dict(_TUNE_LOG.get(key, {}))
+def fastest_by_kind(key) -> dict:
+    """``{kind: (config, microseconds)}``: the fastest configuration of each kernel kind the tuner
+    timed for ``key`` (a key of :func:`tuned_configs`)."""
+    best: dict = {}
+    for c, ms in sorted(_TUNE_LOG.get(key, {}).items(), key=lambda kv: kv[1]):
+        best.setdefault(c.kind, (str(c), round(ms * 1e3, 2)))
+    return best
 
 
 def _sm_count(device) -> int:
