@@ -7,21 +7,20 @@ r"""Choosing each group's quantization range.
   (e.g. ``diag(H)``, making the search activation-aware). This is the ``mse`` option of the
   reference GPTQ quantizer (Frantar et al. 2022), with the optional weighting added.
 
-Both work on a grouped tensor ``(..., g)`` and return ``(scale, zero)`` of shape ``(...)``.
+Both work on a grouped tensor ``(..., g)`` and return ``(scale, zero)`` of shape ``(...)``, in
+any registered number format: the range becomes parameters through the format's
+``params_from_range`` and each candidate's error through its ``fake_quantize``.
 """
 from __future__ import annotations
 
 import torch
 
-from .formats import fake_quantize, params_from_range
 from .spec import QuantSpec
 
 
 def minmax_params(wg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale/zero from the min and max of each group of ``wg`` (shape ``(..., g)``)."""
-    return params_from_range(
-        wg.amin(-1), wg.amax(-1), spec.bits, spec.symmetric, spec.torch_scale_dtype
-    )
+    return spec.fmt.params_from_range(wg.amin(-1), wg.amax(-1), spec.bits, spec.symmetric, spec.torch_scale_dtype)
 
 
 def mse_params(
@@ -67,8 +66,8 @@ def _search(wg, xmin, xmax, idx, spec, weight, norm, grid, chunk_elems):
     per = max(1, chunk_elems // max(1, wg.numel()))
     for ic in idx.split(per):
         p = 1.0 - ic.to(wg.dtype) / grid
-        s, z = params_from_range(p * xmin, p * xmax, spec.bits, spec.symmetric, spec.torch_scale_dtype)
-        err = _err(wg, s, z, spec.bits, weight, norm)
+        s, z = spec.fmt.params_from_range(p * xmin, p * xmax, spec.bits, spec.symmetric, spec.torch_scale_dtype)
+        err = _err(wg, s, z, spec, weight, norm)
         e = err.min(0).values
         # among candidates reaching the minimum, the smallest shrink index (widest range)
         k = torch.where(err == e, ic, torch.full_like(ic, 1 << 30)).argmin(0, keepdim=True)
@@ -81,8 +80,8 @@ def _search(wg, xmin, xmax, idx, spec, weight, norm, grid, chunk_elems):
     return best
 
 
-def _err(wg, s, z, bits, weight, norm):
-    e = (fake_quantize(wg, s.unsqueeze(-1), z.unsqueeze(-1), bits) - wg).abs_()
+def _err(wg, s, z, spec, weight, norm):
+    e = (spec.fmt.fake_quantize(wg, s.unsqueeze(-1), z.unsqueeze(-1), spec.bits) - wg).abs_()
     e = e.square_() if norm == 2 else e.pow_(norm)
     if weight is not None:
         e = e * weight

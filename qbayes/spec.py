@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import QBayesError
-from .formats import PER_CHANNEL, PER_TENSOR
+from .formats import PER_CHANNEL, PER_TENSOR, Format, get_format
 
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 CLIP_METHODS = ("minmax", "mse")
@@ -24,6 +24,9 @@ class QuantSpec:
         clip: how each group's range is chosen: ``"minmax"`` or ``"mse"`` (grid search over
             shrunk ranges, see :mod:`qbayes.ranges`).
         scale_dtype: storage dtype of scales (``"float16"``, ``"bfloat16"``, ``"float32"``).
+        format: the number format, a name from :data:`qbayes.formats.FORMATS`: ``"int"``
+            (integer affine, the default) or ``"nf4"`` (QLoRA's 4-bit NormalFloat: 4 bits, an
+            absmax scale per group and no zero-point, so ``symmetric`` is always true).
     """
 
     bits: int = 4
@@ -31,10 +34,17 @@ class QuantSpec:
     symmetric: bool = False
     clip: str = "mse"
     scale_dtype: str = "float16"
+    format: str = "int"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
             raise QBayesError(f"unsupported bit-width {self.bits!r}: choose an integer from 2 to 8")
+        fmt = get_format(self.format)
+        why = fmt.check(self.bits, self.group_size, self.symmetric)
+        if why:
+            raise QBayesError(why)
+        if not fmt.stores_zero(False) and not self.symmetric:  # no zero-point to fit: symmetric by construction
+            object.__setattr__(self, "symmetric", True)
         if not isinstance(self.group_size, int) or self.group_size < PER_CHANNEL:
             raise QBayesError(
                 f"invalid group size {self.group_size!r}: use a positive divisor of the input "
@@ -44,6 +54,11 @@ class QuantSpec:
             raise QBayesError(f"unknown clip method {self.clip!r}: choose one of {CLIP_METHODS}")
         if self.scale_dtype not in _SCALE_DTYPES:
             raise QBayesError(f"unknown scale dtype {self.scale_dtype!r}: choose one of {tuple(_SCALE_DTYPES)}")
+
+    @property
+    def fmt(self) -> Format:
+        """The :class:`qbayes.formats.Format` object named by :attr:`format`."""
+        return get_format(self.format)
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -79,9 +94,11 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        known = {k: d[k] for k in ("bits", "group_size", "symmetric", "clip", "scale_dtype") if k in d}
+        known = {k: d[k] for k in ("bits", "group_size", "symmetric", "clip", "scale_dtype", "format") if k in d}
         return cls(**known)
 
     def __str__(self) -> str:
+        if self.format != "int":
+            return f"{self.format.upper()} {self.granularity} ({self.clip})"
         kind = "sym" if self.symmetric else "asym"
         return f"W{self.bits} {self.granularity} {kind} ({self.clip})"

@@ -4,7 +4,6 @@ import torch
 
 from qbayes.algorithms import gptq, layer_objective, rtn
 from qbayes.errors import QBayesError
-from qbayes.formats import dequantize, quantize
 from qbayes.ranges import choose_params
 from qbayes.spec import QuantSpec
 
@@ -44,9 +43,9 @@ def plain_gptq(W, H, spec, damp=0.01, act_order=False):
         if k not in params:  # first column of its group reached: range from current weights
             params[k] = choose_params(W[:, k * g:(k + 1) * g], spec, weight=d[k * g:(k + 1) * g])
         s, z = params[k]
-        c = quantize(W[:, j], s, z, spec.bits)
+        c = spec.fmt.encode(W[:, j], s, z, spec.bits).to(torch.uint8)
         codes[:, j] = c
-        err = (W[:, j] - dequantize(c, s, z)) / Hinv[j, j]
+        err = (W[:, j] - spec.fmt.decode(c, s, z)) / Hinv[j, j]
         rest = torch.tensor(remaining, dtype=torch.long)
         if len(remaining):
             W[:, rest] -= torch.outer(err, Hinv[j, rest])
@@ -61,6 +60,8 @@ def plain_gptq(W, H, spec, damp=0.01, act_order=False):
     (QuantSpec(2, -1, clip="minmax"), False, 16),
     (QuantSpec(4, 16, symmetric=True, clip="mse"), True, 24),
     (QuantSpec(3, -1, clip="mse"), True, 128),
+    (QuantSpec(4, 16, clip="minmax", format="nf4"), False, 20),
+    (QuantSpec(4, 32, clip="mse", format="nf4"), True, 24),
 ])
 def test_blocked_gptq_equals_plain_column_by_column(spec, act_order, block):
     W, H = problem(dead=(5, 40))
@@ -69,10 +70,11 @@ def test_blocked_gptq_equals_plain_column_by_column(spec, act_order, block):
     assert torch.equal(got.codes, want), (got.codes != want).sum()
 
 
-@pytest.mark.parametrize("bits,group", [(2, 16), (3, 32), (4, -1), (8, 64)])
-def test_gptq_lowers_layer_objective_below_rtn(bits, group):
+@pytest.mark.parametrize("bits,group,fmt", [(2, 16, "int"), (3, 32, "int"), (4, -1, "int"), (8, 64, "int"),
+                                            (4, 16, "nf4"), (4, -1, "nf4")])
+def test_gptq_lowers_layer_objective_below_rtn(bits, group, fmt):
     W, H = problem(seed=bits)
-    spec = QuantSpec(bits, group, clip="minmax")
+    spec = QuantSpec(bits, group, clip="minmax", format=fmt)
     e_g = layer_objective(W, gptq(W, H, spec).dequantize(torch.float64), H)
     e_r = layer_objective(W, rtn(W, None, spec).dequantize(torch.float64), H)
     assert e_g < e_r

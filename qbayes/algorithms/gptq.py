@@ -16,6 +16,7 @@ where ``U`` is the upper Cholesky factor of :math:`H^{-1}` (with ``H`` damped by
   layout needs no index.
 * Inputs that are never active (``H_jj = 0``) are dead: their weights are zeroed.
 * With ``clip="mse"`` each range search weights errors by ``diag H``.
+* Rounding is the spec's format's (``encode``/``decode``), so any registered format works.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import logging
 
 import torch
 
-from ..formats import PER_CHANNEL, PER_TENSOR, QuantizedWeight, group_view, quantize_float
+from ..formats import PER_CHANNEL, PER_TENSOR, QuantizedWeight, group_view
 from ..ranges import choose_params
 from ..spec import QuantSpec
 from .base import check_weight
@@ -83,6 +84,7 @@ def gptq(
     codes = torch.empty(cols, rows, dtype=dtype, device=W.device)  # exact integers, transposed
     scale_t, zero_t = scale.T.contiguous(), zero.T.contiguous()
     per_tensor = spec.group_size == PER_TENSOR
+    fmt = spec.fmt
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = Wt[i1:i2].clone()
@@ -98,10 +100,10 @@ def gptq(
             gi = 0 if per_tensor else groups[i]
             s, z = scale_t[gi], zero_t[gi]
             w = W1[i]
-            q = quantize_float(w, s, z, spec.bits)
+            q = fmt.encode(w, s, z, spec.bits)
             codes[col] = q
             err = Err1[i]
-            torch.sub(w, (q - z).mul_(s), out=err).div_(diag1[i])
+            torch.sub(w, fmt.decode(q, s, z), out=err).div_(diag1[i])
             W1[i:].addr_(U1[i, i:], err, alpha=-1)
         Wt[i2:].sub_(U[i1:i2, i2:].T @ Err1)
     scale, zero = scale_t.T.contiguous(), zero_t.T.contiguous()
@@ -110,7 +112,7 @@ def gptq(
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     codes = codes.contiguous()
-    return QuantizedWeight(codes, scale, zero, spec.bits, spec.group_size, spec.symmetric)
+    return QuantizedWeight(codes, scale, zero, spec.bits, spec.group_size, spec.symmetric, spec.format)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:

@@ -118,12 +118,13 @@ def _quant_tensor(m: QuantLinear, fallback: str):
 
     s = m.scales
     fp16_scales = torch.equal(s.to(torch.float16).to(s.dtype), s)
-    kind = gguf_type_for(m.spec.bits, m.group_cols, m.qzeros is None)
+    kind = gguf_type_for(m.spec.bits, m.group_cols, m.qzeros is None) if m.spec.fmt.affine else None
     if kind is not None and fp16_scales:
         _, blocks, err = to_gguf_blocks(m.qweight, s, m.qzeros, m.spec.bits, m.in_features, m.group_cols)
         return blocks, getattr(Q, kind), kind, True, err, None
-    why = (f"W{m.spec.bits} {m.spec.granularity} {'sym' if m.qzeros is None else 'asym'}"
-           + ("" if kind is None else f" with {m.spec.scale_dtype} scales") + " has no ggml block type")
+    what = (f"W{m.spec.bits} {m.spec.granularity} {'sym' if m.qzeros is None else 'asym'}" if m.spec.fmt.affine
+            else str(m.spec))
+    why = what + ("" if kind is None else f" with {m.spec.scale_dtype} scales") + " has no ggml block type"
     a, raw, name = _float_tensor(m.dequantize(torch.float32), fallback)
     return a, raw, name, False, 0.0, why
 

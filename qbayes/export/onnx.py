@@ -133,10 +133,11 @@ def prepare_layers(model: nn.Module) -> tuple[dict, list]:
     prepared = []
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            kind = kind_of(m.spec.bits, m.group_cols)
+            kind = kind_of(m.spec.bits, m.group_cols) if m.spec.fmt.affine else "float"
             m._export = {"kind": kind}
+            m.forward_override = export_forward
             if kind == "float":
-                report["float"].append(f"{name} ({m.spec.bits}-bit, group {m.group_cols})")
+                report["float"].append(f"{name} ({m.spec}, group {m.group_cols})")
                 m._export["weight"] = m.dequantize(torch.float32)
             else:
                 report[kind] += 1
@@ -154,6 +155,7 @@ def prepare_layers(model: nn.Module) -> tuple[dict, list]:
 def restore_layers(prepared: list) -> None:
     for m in prepared:
         m.__dict__.pop("_export", None)
+        m.__dict__.pop("forward_override", None)
 
 
 def export_forward(m, x: torch.Tensor) -> torch.Tensor:

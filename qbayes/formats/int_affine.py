@@ -1,4 +1,4 @@
-r"""Integer affine number formats as pure functions.
+r"""Integer affine number formats as pure functions, and the ``"int"`` :class:`~.base.Format`.
 
 A weight ``w`` is stored as an unsigned code ``c`` in ``[0, 2^b - 1]`` with a scale ``s`` and a
 zero-point ``z`` shared by a group of weights:
@@ -9,21 +9,16 @@ zero-point ``z`` shared by a group of weights:
   contains 0, so ``z`` is a valid code);
 * symmetric: ``z = 2^{b-1}`` (fixed, never stored), ``s = max|w| / (2^{b-1} - 1)``.
 
-For every ``w`` inside the range the reconstruction error is at most ``s/2``.
-
-Granularity is expressed by reshaping a ``(rows, cols)`` matrix into groups along the input
-(column) dimension: ``group_size = g`` gives ``(rows, cols/g, g)``; per-channel is one group of
-``cols``; per-tensor is one group of ``rows*cols``. Scales are rounded *up* to the storage
-dtype (float16 by default) before use, so what a solver sees is exactly what is stored.
+For every ``w`` inside the range the reconstruction error is at most ``s/2``. Scales are
+rounded *up* to the storage dtype (float16 by default) before use, so what a solver sees is
+exactly what is stored.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-PER_CHANNEL = -1
-PER_TENSOR = 0
+from .base import Format, round_scale_up
+
 SUPPORTED_BITS = tuple(range(1, 9))
 
 
@@ -33,23 +28,6 @@ def max_code(bits: int) -> int:
 
 def sym_zero(bits: int) -> int:
     return 1 << (bits - 1)
-
-
-def round_scale_up(scale: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """Round positive scales to the nearest value representable in ``dtype`` that is not smaller.
-
-    Rounding up keeps the whole [min, max] range inside the code grid. ``dtype=None`` keeps
-    the input precision. The result keeps ``scale``'s dtype.
-    """
-    if dtype is None or dtype == scale.dtype:
-        return scale
-    finfo = torch.finfo(dtype)
-    s = scale.clamp(min=finfo.tiny, max=finfo.max)
-    r = s.to(dtype)
-    low = r.to(scale.dtype) < s
-    if bool(low.any()):
-        r = torch.where(low, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
-    return r.to(scale.dtype)
 
 
 def params_from_range(
@@ -103,47 +81,31 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return (quantize_float(w, scale, zero, bits) - zero) * scale
 
 
-def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """View a ``(rows, cols)`` matrix as ``(rows, n_groups, g)`` groups along the columns.
+class IntAffine(Format):
+    """Integer affine codes ``ŵ = s (c − z)``, 1-8 bits, symmetric or asymmetric (this module)."""
 
-    ``group_size`` is a positive divisor of ``cols``, :data:`PER_CHANNEL` or :data:`PER_TENSOR`.
-    """
-    if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
-    rows, cols = w.shape
-    if group_size == PER_TENSOR:
-        return w.reshape(1, 1, rows * cols)
-    g = cols if group_size == PER_CHANNEL else group_size
-    if g <= 0 or cols % g:
-        raise ValueError(f"group size {group_size} does not divide the input dimension {cols}")
-    return w.reshape(rows, cols // g, g)
+    name = "int"
+    affine = True
 
+    def check(self, bits: int, group_size: int, symmetric: bool) -> str | None:
+        if not 2 <= bits <= 8:
+            return f"unsupported bit-width {bits!r} for the int format: choose an integer from 2 to 8"
+        return None
 
-@dataclass
-class QuantizedWeight:
-    """Integer codes of a ``(rows, cols)`` weight with per-group scale and zero-point.
+    def params_from_range(self, xmin, xmax, bits, symmetric, scale_dtype):
+        return params_from_range(xmin, xmax, bits, symmetric, scale_dtype)
 
-    ``codes``: uint8 ``(rows, cols)``; ``scale``, ``zero``: ``(rows, n_groups)`` (or ``(1, 1)``
-    per-tensor), float, with ``zero`` integer-valued. This is the unpacked form solvers return;
-    :mod:`qbayes.formats.packing` turns it into real low-bit storage.
-    """
+    def encode(self, w, scale, zero, bits):
+        return quantize_float(w, scale, zero, bits)
 
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    bits: int
-    group_size: int
-    symmetric: bool
+    def decode(self, codes, scale, zero):
+        return dequantize(codes, scale, zero)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        rows, cols = self.codes.shape
-        c = group_view(self.codes, self.group_size)
-        w = dequantize(c, self.scale.to(dtype).unsqueeze(-1), self.zero.to(dtype).unsqueeze(-1))
-        return w.reshape(rows, cols)
+    def fake_quantize(self, w, scale, zero, bits):
+        return fake_quantize(w, scale, zero, bits)
 
-    def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
-        """Split along the output dimension (undoes a row-wise concatenation of layers)."""
-        if self.group_size == PER_TENSOR:
-            raise ValueError("per-tensor quantized weights cannot be split by rows")
-        parts = zip(self.codes.split(sizes), self.scale.split(sizes), self.zero.split(sizes))
-        return [QuantizedWeight(c, s, z, self.bits, self.group_size, self.symmetric) for c, s, z in parts]
+    def stores_zero(self, symmetric: bool) -> bool:
+        return not symmetric
+
+    def default_zero(self, bits: int) -> float:
+        return float(sym_zero(bits))

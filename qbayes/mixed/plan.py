@@ -12,7 +12,6 @@ from dataclasses import replace
 from typing import Mapping
 
 from ..errors import QBayesError
-from ..formats import packed_length
 from ..spec import QuantSpec
 from .allocate import Allocation, allocate
 from .sensitivity import SensitivityTable
@@ -21,14 +20,12 @@ _SCALE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 def layer_bytes(spec: QuantSpec, out_features: int, in_features: int) -> dict[str, int]:
-    """``{"code": bytes, "overhead": bytes}`` of one quantized linear (bias excluded)."""
+    """``{"code": bytes, "overhead": bytes}`` of one quantized linear (bias excluded), as its
+    number format states them."""
     spec.check_layer(in_features)
-    groups = 1 if spec.group_size <= 0 else in_features // spec.group_size
-    code = out_features * packed_length(in_features, spec.bits)
-    over = out_features * groups * _SCALE_BYTES[spec.scale_dtype]
-    if not spec.symmetric:
-        over += out_features * packed_length(groups, spec.bits)
-    return {"code": code, "overhead": over}
+    group_cols = in_features if spec.group_size <= 0 else spec.group_size
+    return spec.fmt.storage_bytes(out_features, in_features, spec.bits, group_cols, spec.symmetric,
+                                  _SCALE_BYTES[spec.scale_dtype])
 
 
 def size_summary(specs: Mapping[str, QuantSpec], shapes: Mapping[str, tuple[int, int]]) -> dict:

@@ -4,10 +4,14 @@ Storage (all buffers, so ``state_dict`` is the checkpoint):
 
 * ``qweight``: uint8 ``(out, packed_length(in, bits))``: codes, bit-packed along the input;
 * ``scales``: float16 (or the spec's scale dtype) ``(out, n_groups)``;
-* ``qzeros``: uint8 ``(out, packed_length(n_groups, bits))`` for asymmetric formats;
+* ``qzeros``: uint8 ``(out, packed_length(n_groups, bits))`` where the format stores zero-points
+  (asymmetric integer codes);
 * ``bias``: 16-bit float ``(out,)`` if the layer has one.
 
-Per-tensor quantization is expanded to per-channel storage (identical values).
+Per-tensor quantization is expanded to per-channel storage (identical values). The spec's
+number format decides what runs: integer affine layouts use the packed CPU / Triton kernels where
+they support them; every other format (and layout) dequantizes through the format's own
+reference decoder.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from torch import nn
 
 from ..formats import PER_CHANNEL, PER_TENSOR, QuantizedWeight, pack, packed_length
 from ..kernels import cpu as cpu_kernel
-from ..kernels import dequantize_packed, linear
+from ..kernels import linear
 from ..spec import QuantSpec
 
 # rows of activations up to which the packed CPU kernel beats dequantized tiles x GEMM (bench/kernels.py)
@@ -36,7 +40,7 @@ class QuantLinear(nn.Module):
         kw = dict(device=device)
         self.register_buffer("qweight", torch.zeros(out_features, packed_length(in_features, spec.bits), dtype=torch.uint8, **kw))
         self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=spec.torch_scale_dtype, **kw))
-        if spec.symmetric:
+        if not spec.fmt.stores_zero(spec.symmetric):
             self.qzeros = None
         else:
             self.register_buffer("qzeros", torch.zeros(out_features, packed_length(n_groups, spec.bits), dtype=torch.uint8, **kw))
@@ -70,18 +74,18 @@ class QuantLinear(nn.Module):
         return m
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if (self.qweight.device.type == "cpu" and dtype == torch.float32
+        if (self.qweight.device.type == "cpu" and dtype == torch.float32 and self.spec.fmt.affine
                 and cpu_kernel.supports(self.spec.bits, self.in_features, self.group_cols, self.scales.dtype)
                 and cpu_kernel.available()):
             return cpu_kernel.dequant(self.qweight, self.scales, self.qzeros, self.spec.bits, self.in_features,
                                       self.group_cols)
-        return dequantize_packed(self.qweight, self.scales, self.qzeros, self.spec.bits,
-                                 self.in_features, self.group_cols, dtype)
+        return self.spec.fmt.dequantize_packed(self.qweight, self.scales, self.qzeros, self.spec.bits,
+                                               self.in_features, self.group_cols, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if "_export" in self.__dict__:  # being traced by qbayes.export.export_onnx
-            from ..export.onnx import export_forward
-            return export_forward(self, x)
+        override = self.__dict__.get("forward_override")
+        if override is not None:  # an exporter tracing the model (qbayes.export) computes the layer its way
+            return override(self, x)
         if x.is_cuda and self._fast_cuda(x):
             from ..kernels import triton_kernels as tk
 
@@ -119,8 +123,8 @@ class QuantLinear(nn.Module):
             return False
         ok = self.__dict__.get("_kernel_ok")
         if ok is None:  # the layout never changes: decide once
-            ok = self._kernel_ok = (cpu_kernel.supports(self.spec.bits, self.in_features, self.group_cols,
-                                                        self.scales.dtype) and cpu_kernel.available())
+            ok = self._kernel_ok = (self.spec.fmt.affine and cpu_kernel.supports(
+                self.spec.bits, self.in_features, self.group_cols, self.scales.dtype) and cpu_kernel.available())
         return ok
 
     def _fast_cuda(self, x: torch.Tensor) -> bool:
@@ -131,7 +135,7 @@ class QuantLinear(nn.Module):
         if ok is None:
             from ..kernels import triton_kernels as tk
 
-            ok = self._triton_ok = tk.available() and self.qweight.is_contiguous()
+            ok = self._triton_ok = self.spec.fmt.affine and tk.available() and self.qweight.is_contiguous()
         return ok
 
     def storage_bytes(self) -> int:
