@@ -29,8 +29,6 @@ class Generation:
         return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else float("nan")
 
 
-@torch.no_grad()
-
 def _cache_kwarg(model) -> str:
     """The KV-cache argument of a transformers model: ``cache`` from transformers 5.24 on (which
     deprecates ``past_key_values``, to be removed in 5.40), ``past_key_values`` before."""
@@ -43,6 +41,8 @@ def _cache_of(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 
+
+@torch.no_grad()
 def generate(model: nn.Module, tok, prompt: str | torch.Tensor, max_new_tokens: int = 128, *,
              temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
              engine: str = "auto") -> Generation:

@@ -31,3 +31,30 @@ def test_greedy_matches_transformers_and_survives_quantization(model_dir, tmp_pa
         generate(again, tok2, prompt, 0)
     with pytest.raises(QBayesError):
         generate(again, tok2, "", 3)
+
+
+def test_hf_decode_path_runs_without_autograd_and_never_dequantizes(model_dir, calib_ids, monkeypatch):
+    """Regression: ``@torch.no_grad()`` sat on a helper, so the Hugging Face decode loop ran with
+    autograd on, and every QuantLinear fell back to dequantizing its weight at every token."""
+    from qbayes.kernels import cpu
+    from qbayes.nn import QuantLinear
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = tiny_llama()
+    quantize_(model, QuantSpec(bits=4, group_size=32), method="rtn", progress=False)
+    calls = {"dequantize": 0, "grad_forwards": 0}
+    real = QuantLinear.dequantize
+
+    def counting(self, *a, **k):
+        calls["dequantize"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(QuantLinear, "dequantize", counting)
+    h = model.register_forward_pre_hook(lambda m, a: calls.__setitem__("grad_forwards", calls["grad_forwards"]
+                                                                        + torch.is_grad_enabled()))
+    g = generate(model, tok, "the company said it", 8, stop_at_eos=False, engine="hf")
+    h.remove()
+    assert g.new_tokens == 8
+    assert calls["grad_forwards"] == 0
+    if cpu.available():  # the packed kernel reads the codes directly: no dequantized weight per token
+        assert calls["dequantize"] == 0
