@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 
 from .algorithms import get_solver
 from .calibrate import quantize_blocks
-from .errors import CalibrationError, QBayesError
-from .models import adapter_for
-from .nn import DEFAULT_EXCLUDE, QuantLinear, check_selection, find_linears, name_filter, set_module
+from .errors import QBayesError
+from .models import ModelAdapter, adapter_for
+from .nn import DEFAULT_EXCLUDE, QuantLinear, set_module
 from .spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -22,10 +22,10 @@ FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 
 
 def quantize_(
-    model: nn.Module,
+    model: nn.Module | ModelAdapter,
     spec: QuantSpec | Mapping[str, QuantSpec] | Callable[[str], QuantSpec] = QuantSpec(),
     method: str = "gptq",
-    calib: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    calib=None,
     *,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = DEFAULT_EXCLUDE,
@@ -38,14 +38,18 @@ def quantize_(
     """Quantize the linear layers of ``model`` in place and return it.
 
     Args:
-        model: a Hugging Face causal LM (Llama family or OPT) in float.
+        model: a float model a :mod:`qbayes.models` adapter drives (a Hugging Face decoder LM
+            of the Llama family or OPT, a BERT/ViT encoder, a plain ``nn.Module`` such as a
+            CNN), or an adapter.
         spec: one :class:`QuantSpec` for every layer, a ``{name: spec}`` mapping, or a function
             of the layer name.
         method: a solver from :data:`qbayes.algorithms.SOLVERS` (``"rtn"``, ``"gptq"``).
-        calib: token ids ``(n_samples, seqlen)`` (or an iterable of 1-D/2-D id tensors), needed
-            by solvers that use the layer statistic ``H``.
+        calib: calibration data in the adapter's batch language, needed by solvers that use the
+            layer statistic ``H``: token ids ``(n_samples, seqlen)`` for a decoder LM, a dict of
+            tensors (a tokenizer's output) or pixels for an encoder, a tensor of inputs or
+            ``(x, y)`` batches for a plain module.
         include, exclude: glob patterns over qualified module names; by default every
-            ``nn.Linear`` inside the decoder blocks except embeddings and ``lm_head``.
+            ``nn.Linear`` inside the model's blocks except embeddings and ``lm_head``.
         float_dtype: precision kept by the parameters left in float (they are rounded to it
             here, so the saved checkpoint reloads bit-identically).
         batch_size: calibration sequences per forward pass.
@@ -65,16 +69,16 @@ def quantize_(
         raise QBayesError(f"float_dtype must be one of {tuple(FLOAT_DTYPES)}, not {float_dtype!r}")
     spec_for = _spec_function(spec)
     adapter = adapter_for(model)
-    selected = select_layers(model, spec_for, include, exclude)
-    head_name = _check_head(model, head) if head is not None else None
+    model = adapter.model
+    selected = adapter.select(spec_for, include, exclude)
+    head_name = _check_head(adapter, head) if head is not None else None
 
-    batches = _calibration_batches(calib, batch_size, _device_of(model)) if solver.needs_hessian else None
+    batches = adapter.batches(calib, batch_size, _device_of(model)) if solver.needs_hessian else None
 
     t0 = time.perf_counter()
     _round_float_params(model, set(selected) | ({head_name} if head_name else set()), FLOAT_DTYPES[float_dtype])
     if batches is not None:
-        report = quantize_blocks(model, adapter.blocks(), adapter.blocks_path, batches, selected,
-                                 spec_for, solver, options, progress=progress)
+        report = quantize_blocks(adapter, batches, selected, spec_for, solver, options, progress=progress)
     else:
         report = {}
         for name, lin in tqdm(selected.items(), desc=f"{method.upper()} layers", disable=not progress):
@@ -86,7 +90,8 @@ def quantize_(
         lin = model.get_submodule(head_name)
         qw = get_solver("rtn").fn(lin.weight.detach(), None, head)
         set_module(model, head_name, QuantLinear.from_quantized(qw, head, lin.bias))
-        model.config.tie_word_embeddings = False  # the embedding table keeps its own float weight
+        if hasattr(model, "config"):
+            model.config.tie_word_embeddings = False  # the embedding table keeps its own float weight
         report[head_name] = {"bits": head.bits, "solver": "rtn"}
     elapsed = time.perf_counter() - t0
     model.qbayes_config = {
@@ -102,35 +107,23 @@ def quantize_(
     return model
 
 
-def select_layers(model: nn.Module, spec, include: Iterable[str] | None = None,
+def select_layers(model, spec, include: Iterable[str] | None = None,
                   exclude: Iterable[str] | None = DEFAULT_EXCLUDE) -> dict[str, nn.Linear]:
     """The linears ``quantize_`` would quantize, after checking that each one can be: raises a
     clear error for a layer that is not a linear, a group size that does not divide, or
-    non-finite weights, before anything is changed."""
-    spec_for = _spec_function(spec)
-    adapter = adapter_for(model)
-    if include:
-        check_selection(model, include)
-    keep = name_filter(include, exclude)
-    prefix = adapter.blocks_path + "."
-    selected = {n: m for n, m in find_linears(model, keep).items() if n.startswith(prefix)}
-    if not selected:
-        raise QBayesError("no nn.Linear layers inside the decoder blocks match the include/exclude filters")
-    for name, lin in selected.items():
-        spec_for(name).check_layer(lin.in_features, name)
-        if not torch.isfinite(lin.weight).all():
-            raise QBayesError(f"{name}.weight holds NaN/Inf values: refusing to quantize a broken model")
-    return selected
+    non-finite weights, before anything is changed (:meth:`qbayes.models.ModelAdapter.select`)."""
+    return adapter_for(model).select(_spec_function(spec), include, exclude)
 
 
-def _check_head(model: nn.Module, head) -> str:
+def _check_head(model, head) -> str:
     """Qualified name of the model's output head, after checking ``head`` can pack it."""
     if not isinstance(head, QuantSpec):
         raise QBayesError(f"head must be a QuantSpec, not {type(head).__name__}")
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(out, nn.Linear):
-        raise QBayesError("head=: this model has no nn.Linear output head (get_output_embeddings)")
-    name = next(n for n, m in model.named_modules() if m is out)
+    adapter = adapter_for(model)
+    name = adapter.output_head()
+    if name is None:
+        raise QBayesError(f"head=: this {adapter.family} model has no nn.Linear output head to pack")
+    out = adapter.model.get_submodule(name)
     head.check_layer(out.in_features, name)
     if not torch.isfinite(out.weight).all():
         raise QBayesError(f"{name}.weight holds NaN/Inf values: refusing to quantize a broken model")
@@ -153,25 +146,6 @@ def _spec_function(spec) -> Callable[[str], QuantSpec]:
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _calibration_batches(calib, batch_size: int, device: torch.device) -> list[torch.Tensor]:
-    if calib is None:
-        raise CalibrationError("this method needs calibration data: pass calib=token ids of shape (n, seqlen)")
-    if isinstance(calib, torch.Tensor):
-        seqs = [calib] if calib.dim() == 1 else list(calib)
-    else:
-        seqs = [s for c in calib for s in ([c] if c.dim() == 1 else list(c))]
-    seqs = [s for s in seqs if s.numel() > 0]
-    if not seqs:
-        raise CalibrationError("the calibration set is empty: pass at least one non-empty sequence of token ids")
-    if any(s.dtype not in (torch.int64, torch.int32) for s in seqs):
-        raise CalibrationError("calibration data must be integer token ids")
-    lengths = {s.numel() for s in seqs}
-    if len(lengths) != 1:
-        raise CalibrationError(f"calibration sequences must share one length, got {sorted(lengths)}")
-    stacked = torch.stack(seqs).to(device=device, dtype=torch.long)
-    return list(stacked.split(max(1, batch_size)))
 
 
 def _round_float_params(model: nn.Module, quantized: set[str], dtype: torch.dtype) -> None:

@@ -1,6 +1,7 @@
-"""Sequential layer-wise calibration over the decoder blocks of a model.
+"""Sequential layer-wise calibration over the blocks of a model (any model an adapter drives).
 
-1. The first block's inputs are captured once, for all calibration batches.
+1. The first block's inputs are captured once, for all calibration batches (the model's
+   adapter runs it up to there; a model without repeated blocks is one block).
 2. Within a block the linears are visited in forward order, grouped into *stages* of linears
    that read the same input tensor (q/k/v, then o, then gate/up, then down in a Llama block).
    For each stage ``H`` is accumulated from the inputs produced by the already-quantized
@@ -24,51 +25,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms import Solver, layer_objective
-from .curvature import InputSecondMoment
+from .curvature import collect
 from .errors import CalibrationError
 from .formats import QuantizedWeight
+from .models import adapter_for
 from .nn import QuantLinear, set_module
 from .spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
 SpecFor = Callable[[str], QuantSpec]
-
-
-class _Stop(Exception):
-    """Raised inside a forward pass once everything needed from it has been seen."""
-
-
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
-    """Run the model on each batch of token ids up to ``block`` and keep that block's call arguments."""
-    captured: list[tuple[tuple, dict]] = []
-
-    def hook(_mod, args, kwargs):
-        captured.append((args, dict(kwargs)))
-        raise _Stop
-
-    h = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for ids in batches:
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        h.remove()
-    if len(captured) != len(batches):
-        raise CalibrationError("the model never reached its first decoder block during calibration")
-    return captured
-
-
-def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (h, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": h}
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def discover_stages(block: nn.Module, linears: Mapping[str, nn.Module], args: tuple, kwargs: dict):
@@ -96,12 +62,14 @@ def discover_stages(block: nn.Module, linears: Mapping[str, nn.Module], args: tu
 
 
 def interleaved_forward(block: nn.Module, inputs: list[tuple[tuple, dict]], stages: list[list[str]],
-                        on_stage: Callable[[int, list[torch.Tensor]], None]) -> list[torch.Tensor]:
+                        on_stage: Callable[[int, list[torch.Tensor]], None],
+                        output: Callable = lambda out: out[0] if isinstance(out, (tuple, list)) else out
+                        ) -> list[torch.Tensor]:
     """Run ``block`` on every batch, pausing all batches at the first linear of each stage.
 
     ``on_stage(k, xs)`` receives that linear's input from every batch; when it returns, the
     batches resume, so whatever it changes (the stage's weights) is what they compute with.
-    Returns the block outputs per batch.
+    Returns the block outputs per batch (``output`` picks the hidden state from what the block returns).
     """
     from greenlet import getcurrent, greenlet  # here, not at import: only calibration needs it
 
@@ -117,7 +85,7 @@ def interleaved_forward(block: nn.Module, inputs: list[tuple[tuple, dict]], stag
         return hook
 
     handles = [block.get_submodule(stage[0]).register_forward_pre_hook(pause(k)) for k, stage in enumerate(stages)]
-    workers = [greenlet(lambda a, kw: ("done", _first(block(*a, **kw)))) for _ in inputs]
+    workers = [greenlet(lambda a, kw: ("done", output(block(*a, **kw)))) for _ in inputs]
     try:
         events = [w.switch(a, kw) for w, (a, kw) in zip(workers, inputs)]
         for k in range(len(stages)):
@@ -137,46 +105,47 @@ def interleaved_forward(block: nn.Module, inputs: list[tuple[tuple, dict]], stag
 
 
 def quantize_blocks(
-    model: nn.Module,
-    blocks: nn.ModuleList,
-    blocks_prefix: str,
-    batches: list[torch.Tensor],
+    adapter,
+    batches: list,
     selected: Mapping[str, nn.Linear],
     spec_for: SpecFor,
     solver: Solver,
     options: dict,
     progress: bool = True,
 ) -> dict[str, dict]:
-    """Quantize the ``selected`` linears (qualified names) block by block; return a per-layer report."""
+    """Quantize the ``selected`` linears (qualified names) block by block through ``adapter``
+    (a :class:`qbayes.models.ModelAdapter`) on its calibration ``batches``; return a per-layer report."""
     if not batches:
-        raise CalibrationError("the calibration set is empty: pass at least one sequence of token ids")
+        raise CalibrationError("the calibration set is empty: pass at least one calibration batch")
     report: dict[str, dict] = {}
     plans: dict[tuple, tuple] = {}
     with torch.no_grad():
-        inputs = capture_block_inputs(model, blocks[0], batches)
-        bar = tqdm(list(enumerate(blocks)), desc=f"{solver.fn.__name__.upper()} blocks", unit="block",
-                   disable=not progress)
-        for i, block in bar:
-            prefix = f"{blocks_prefix}.{i}."
+        inputs = adapter.block_inputs(batches)
+        blocks = adapter.blocks()
+        bar = tqdm(blocks, desc=f"{solver.fn.__name__.upper()} blocks", unit="block", disable=not progress)
+        for bname, block in bar:
+            prefix = f"{bname}." if bname else ""
             linears = {n[len(prefix):]: m for n, m in selected.items() if n.startswith(prefix)}
-            key = (type(block), tuple(linears))
-            if key not in plans:  # identical blocks run their linears in the same order
-                plans[key] = discover_stages(block, linears, *inputs[0])
-            stages, never = plans[key]
-            for n in never:
-                log.warning("%s%s never ran on the calibration data; it is left in float", prefix, n)
-            solved: dict[str, tuple[QuantizedWeight, QuantSpec]] = {}
+            if not linears:  # nothing to quantize here: just run it for the next block's inputs
+                outputs = [adapter.block_output(block(*a, **k)) for a, k in inputs]
+            else:
+                key = (type(block), tuple(linears))
+                if key not in plans:  # identical blocks run their linears in the same order
+                    plans[key] = discover_stages(block, linears, *inputs[0])
+                stages, never = plans[key]
+                for n in never:
+                    log.warning("%s%s never ran on the calibration data; it is left in float", prefix, n)
+                solved: dict[str, tuple[QuantizedWeight, QuantSpec]] = {}
 
-            def on_stage(k, xs):
-                stat = InputSecondMoment(xs[0].shape[-1], device=xs[0].device)
-                for x in xs:
-                    stat.update(x)
-                solved.update(_solve_stage(prefix, stages[k], linears, stat.H, spec_for, solver, options, report))
+                def on_stage(k, xs):
+                    first = linears[stages[k][0]]  # the stage's shared input is what its first linear reads
+                    H = collect(adapter_for(first), {"x": first}, xs, want=("H",), stop_early=True)["x"].H
+                    solved.update(_solve_stage(prefix, stages[k], linears, H, spec_for, solver, options, report))
 
-            outputs = interleaved_forward(block, inputs, stages, on_stage)
-            for n, (qw, spec) in solved.items():
-                set_module(block, n, QuantLinear.from_quantized(qw, spec, linears[n].bias))
-            inputs = [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outputs)]
+                outputs = interleaved_forward(block, inputs, stages, on_stage, adapter.block_output)
+                for n, (qw, spec) in solved.items():
+                    set_module(block, n, QuantLinear.from_quantized(qw, spec, linears[n].bias))
+            inputs = [adapter.next_inputs(a, k, h) for (a, k), h in zip(inputs, outputs)]
     return report
 
 

@@ -183,3 +183,32 @@ def test_mc_fisher_is_an_unbiased_ggn_estimate():
     est = sum(mc_fisher_batch(fn, p, X, "classification", "diag", g) for _ in range(4000)) / 4000
     exact = ggn_batch(fn, p, X, "classification", "diag")
     assert ((est - exact).abs() <= 0.05 * exact.abs().max()).all()
+
+
+@pytest.mark.parametrize("structure", ["kron", "full"])
+def test_fit_reads_a_one_shot_generator_once(structure):
+    """Regression: the K-FAC fit read its loader twice (log-likelihood, then factors) and crashed
+    with UnboundLocalError on a generator. Fitting from one must equal fitting from a list."""
+    alpha, sigma = 2.0, 0.5
+    Phi, t, m, S, log_ev = blr_problem(alpha=alpha, sigma=sigma)
+    ref = Laplace(linear_model(m), "regression", structure=structure, prior_precision=alpha,
+                  sigma_noise=sigma).fit(loader(Phi, t))
+    la = Laplace(linear_model(m), "regression", structure=structure, prior_precision=alpha,
+                 sigma_noise=sigma).fit(b for b in loader(Phi, t))
+    assert la.n_data == len(Phi)
+    torch.testing.assert_close(la.posterior_covariance, ref.posterior_covariance, atol=1e-12, rtol=0)
+    assert abs(la.log_marginal_likelihood().item() - log_ev) < 1e-6
+
+
+def test_kron_factors_with_a_bias_stay_on_the_model_device():
+    """Regression: the bias column of K-FAC's input factor was made on the CPU whatever the
+    device; on the meta device (no GPU needed) any cross-device tensor is an error."""
+    from qbayes.curvature import collect
+    from qbayes.models import adapter_for
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to("meta")
+    x, y = torch.empty(5, 3, device="meta"), torch.empty(5, dtype=torch.long, device="meta")
+    col = collect(adapter_for(model), {"0": model[0], "2": model[2]}, [(x, y)], want=("H", "G"), bias_column=True,
+                  fisher="ef")
+    assert col["0"].H.shape == (4, 4) and col["0"].H.device.type == "meta"
+    assert col["2"].G.shape == (2, 2)

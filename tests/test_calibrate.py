@@ -17,10 +17,9 @@ def naive_sequential(model, ids, spec, batch):
     """Quantize stage by stage, re-running every block from its (already quantized) inputs for
     each stage: the definition of true-sequential GPTQ, at several times the cost."""
     adapter = adapter_for(model)
-    blocks = adapter.blocks()
     codes = {}
     with torch.no_grad():
-        for i, block in enumerate(blocks):
+        for bname, block in adapter.blocks():
             linears = find_linears(block)
             # inputs of block i: run the model and hook block i instead
             inputs = []
@@ -40,7 +39,7 @@ def naive_sequential(model, ids, spec, batch):
                 parts = qw.split_rows([linears[n].out_features for n in stage])
                 for n, p in zip(stage, parts):
                     linears[n].weight.data = p.dequantize()
-                    codes[f"{adapter.blocks_path}.{i}.{n}"] = p.codes
+                    codes[f"{bname}.{n}"] = p.codes
     return codes
 
 

@@ -12,7 +12,8 @@ from qbayes.mixed import criteria as C
 from qbayes.mixed.measured import measured_increase
 from qbayes.mixed.pqi import gauss_legendre_01, pqi
 from qbayes.mixed.sensitivity import SensitivityTable, rtn_deltas, sensitivity, spearman
-from qbayes.mixed.stats import collect_layer_stats, next_token_loss
+from qbayes.curvature import LayerStatistics, collect
+from qbayes.models import adapter_for
 
 from .conftest import VOCAB, tiny_llama
 
@@ -26,6 +27,12 @@ def setup():
     batches = list(torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(5)).split(2))
     layers = select_layers(model, SPEC)
     return model, batches, layers
+
+
+def next_token_loss(logits, ids, reduction="mean"):
+    """Cross-entropy of predicting ``ids[:, 1:]`` from ``logits[:, :-1]`` (independent of qbayes)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                             reduction=reduction)
 
 
 def _loss(model, batches):
@@ -77,7 +84,7 @@ def test_gauss_legendre_is_exact_for_polynomials():
 def test_statistics_against_per_position_outer_products(setup):
     model, batches, layers = setup
     name = "model.layers.1.mlp.down_proj"
-    stats = collect_layer_stats(model, {name: layers[name]}, batches, progress=False)[name]
+    stats = collect(adapter_for(model), {name: layers[name]}, batches, want=("H", "G", "ef_diag", "ggn_diag"))[name]
     xs, outs = [], []
     def grab(_m, a, o):
         xs.append(a[0])
@@ -112,7 +119,7 @@ def test_output_criterion_is_twice_mean_squared_output_error():
     x = torch.randn(50, 6, dtype=torch.float64)
     dW = torch.randn(4, 6, dtype=torch.float64)
     H = 2 * x.T @ x / 50
-    stats = C.LayerStats(H=H, G=torch.eye(4), ef_diag=torch.zeros(4, 6), ggn_diag=torch.zeros(4, 6), n_tokens=50)
+    stats = LayerStatistics(H=H, G=torch.eye(4), ef_diag=torch.zeros(4, 6), ggn_diag=torch.zeros(4, 6))
     assert C.output(dW, stats) == pytest.approx(2 * float((x @ dW.T).square().sum(1).mean()), rel=1e-12)
     # posterior (kron): ½ vec(ΔW)ᵀ (G ⊗ A) vec(ΔW) against the explicit Kronecker product
     G = torch.randn(4, 4, dtype=torch.float64)

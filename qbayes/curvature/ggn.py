@@ -79,7 +79,7 @@ def sample_labels(likelihood: str, f: torch.Tensor, generator: torch.Generator |
     """Labels drawn from the model's own predictive (softmax, or unit-noise Gaussian)."""
     if likelihood == "classification":
         return torch.multinomial(torch.softmax(f.detach(), -1), 1, generator=generator).squeeze(1)
-    return f.detach() + torch.randn(f.shape, dtype=f.dtype, generator=generator)
+    return f.detach() + torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=generator)
 
 
 def mc_fisher_batch(fn, params: Params, x: torch.Tensor, likelihood: str, structure: str,

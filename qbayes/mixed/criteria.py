@@ -7,8 +7,8 @@ from .fisher import fisher
 from .hawq import hawq
 from .output import output
 from .posterior import posterior, prior_precision
-from .stats import LayerStats
+from ..curvature import LayerStatistics
 
 CLOSED_FORM = ("hawq", "fisher", "output", "posterior")
 
-__all__ = ["CLOSED_FORM", "LayerStats", "fisher", "hawq", "output", "posterior", "prior_precision"]
+__all__ = ["CLOSED_FORM", "LayerStatistics", "fisher", "hawq", "output", "posterior", "prior_precision"]

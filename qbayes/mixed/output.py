@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .stats import LayerStats
+from ..curvature import LayerStatistics
 
 
-def output(dW: torch.Tensor, st: LayerStats) -> float:
+def output(dW: torch.Tensor, st: LayerStatistics) -> float:
     d = dW.double()
     return float(((d @ st.H.double()) * d).sum())

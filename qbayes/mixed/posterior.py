@@ -6,7 +6,8 @@ r"""Posterior-guided importance: the Laplace posterior precision of the layer's 
 
 the precision of the Laplace posterior over ``W`` after ``N`` training examples (``N·GGN + λ``),
 divided by ``N`` to put it in units of the mean loss, with GGN factors from labels sampled from
-the model on the sensitivity set (:mod:`.stats`). ``N`` is the size of the data the model was
+the model on the sensitivity set (:func:`qbayes.curvature.collect`); the Kronecker quadratic
+form is :mod:`qbayes.curvature.kron`'s, the one the K-FAC Laplace posterior uses. ``N`` is the size of the data the model was
 trained on (default ``1e12`` tokens, the scale of LLM pre-training, where the prior term is
 negligible), not the few hundred tokens of the sensitivity set. Weights the posterior is unsure about (low
 precision) cost little to perturb, so they get fewer bits (cf. Variational Bayesian
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .stats import LayerStats
+from ..curvature import LayerStatistics
+from ..curvature.kron import KronFactors
 
 
 def prior_precision(W: torch.Tensor) -> float:
@@ -29,13 +31,12 @@ def prior_precision(W: torch.Tensor) -> float:
 DEFAULT_NUM_DATA = 1e12
 
 
-def posterior(dW: torch.Tensor, st: LayerStats, W: torch.Tensor, structure: str = "kron",
+def posterior(dW: torch.Tensor, st: LayerStatistics, W: torch.Tensor, structure: str = "kron",
               num_data: float = DEFAULT_NUM_DATA) -> float:
     d = dW.double()
     prior = prior_precision(W) / num_data * float(d.square().sum())
     if structure == "kron":
-        A = st.H.double() / 2
-        like = float(((st.G.double() @ d @ A) * d).sum())
+        like = KronFactors(A=st.H.double() / 2, G=st.G).quad(d)
     elif structure == "diag":
         like = float((st.ggn_diag.double() * d.square()).sum())
     else:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import QBayesError
-from .stats import check_batches, next_token_loss
+from ..models.adapter import adapter_for
 
 
 def gauss_legendre_01(nodes: int) -> tuple[list[float], list[float]]:
@@ -33,9 +33,11 @@ def gauss_legendre_01(nodes: int) -> tuple[list[float], list[float]]:
 
 def pqi(model: nn.Module, layers: Mapping[str, nn.Linear], batches, deltas: Mapping[str, torch.Tensor],
         nodes: int = 4, progress: bool = True, desc: str = "PQI") -> dict[str, float]:
-    """Per-layer PQI of the joint perturbation ``deltas`` (``{layer: ΔW}``) on the mean
-    next-token loss over ``batches`` of token ids."""
-    batches = check_batches(batches)
+    """Per-layer PQI of the joint perturbation ``deltas`` (``{layer: ΔW}``) on the model's mean
+    loss (its adapter's, with observed targets: next-token cross-entropy for an LM) over
+    ``batches``, averaged over batches."""
+    adapter = adapter_for(model)
+    batches = adapter.batches(batches)
     missing = set(layers) - set(deltas)
     if missing:
         raise QBayesError(f"no perturbation given for layer(s) {sorted(missing)[:3]}")
@@ -55,7 +57,7 @@ def pqi(model: nn.Module, layers: Mapping[str, nn.Linear], batches, deltas: Mapp
                     w.copy_(o + t * deltas[n].to(o))
             for ids in batches:
                 with torch.enable_grad():
-                    loss = next_token_loss(model(input_ids=ids, use_cache=False).logits, ids) / len(batches)
+                    loss = adapter.loss(ids) / len(batches)
                     grads = torch.autograd.grad(loss, weights)
                 for n, g in zip(names, grads):
                     score[n] += wt * float((g.double() * deltas[n].double()).sum())

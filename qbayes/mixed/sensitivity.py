@@ -1,9 +1,11 @@
-"""Per-layer sensitivity of a causal LM under every criterion, as one table that saves and reloads.
+"""Per-layer sensitivity of a model under every criterion, as one table that saves and reloads.
 
 ``sensitivity(model, batches)`` quantizes each selected linear with round-to-nearest at each
 candidate bit-width (the perturbation ``ΔW`` every criterion scores), gathers the curvature it
-needs once (:mod:`.stats`, Hutchinson traces, PQI passes) and returns a
-:class:`SensitivityTable` of predicted loss increases ``scores[criterion][layer][bits]``.
+needs once (:func:`qbayes.curvature.collect`, Hutchinson traces, PQI passes) and returns a
+:class:`SensitivityTable` of predicted loss increases ``scores[criterion][layer][bits]``. The
+model is reached through its adapter (:mod:`qbayes.models`): its loss with observed targets is
+the loss whose increase is predicted (next-token cross-entropy for a language model).
 """
 from __future__ import annotations
 
@@ -20,13 +22,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..algorithms import get_solver
+from ..curvature import collect
 from ..errors import QBayesError
+from ..models.adapter import adapter_for
 from ..nn import DEFAULT_EXCLUDE
 from ..spec import QuantSpec
 from . import criteria as C
 from .measured import measured_increase
 from .pqi import pqi
-from .stats import check_batches, collect_layer_stats, next_token_loss
 
 CRITERIA = ("hawq", "fisher", "output", "pqi", "posterior", "measured")
 DEFAULT_BITS = (2, 3, 4, 8)
@@ -121,32 +124,34 @@ def sensitivity(model: nn.Module, batches, *, criteria: Sequence[str] = CRITERIA
                 progress: bool = True) -> SensitivityTable:
     """Score every selected linear of ``model`` at every bit-width in ``bits`` under ``criteria``.
 
-    ``batches``: token-id tensors ``(batch, seqlen)`` (the sensitivity set; the mean next-token
-    loss over them is the loss whose increase is predicted). ``spec`` gives the group size,
-    symmetry and range choice; its ``bits`` is replaced by each candidate.
+    ``batches``: the sensitivity set, in the adapter's batch language (token-id tensors
+    ``(batch, seqlen)`` for an LM), each kept as one batch; the mean over batches of the mean
+    loss is the loss whose increase is predicted. ``spec`` gives the group size, symmetry,
+    format and range choice; its ``bits`` is replaced by each candidate.
     """
-    from ..api import select_layers  # the same selection (and checks) as quantize_
-
     unknown = set(criteria) - set(CRITERIA)
     if unknown:
         raise QBayesError(f"unknown criteria {sorted(unknown)}: choose from {CRITERIA}")
     bits = tuple(sorted(set(bits)))
     for b in bits:
         replace(spec, bits=b)  # validates the bit-width
-    batches = check_batches(batches)
-    layers = select_layers(model, spec, include, exclude)
+    adapter = adapter_for(model)
+    batches = adapter.batches(batches)
+    layers = adapter.select(lambda name: spec, include, exclude)  # the same selection (and checks) as quantize_
     t = {}
     t0 = time.perf_counter()
     deltas = rtn_deltas(layers, spec, bits, progress)
     t["perturbations_s"] = time.perf_counter() - t0
     scores: dict[str, dict[str, dict[int, float]]] = {c: {n: {} for n in layers} for c in criteria}
-    info: dict = {"n_tokens": sum(b.shape[0] * (b.shape[1] - 1) for b in batches), "seconds": t,
+    info: dict = {"n_samples": sum(adapter.rows(b) for b in batches), "seconds": t,
                   "hutchinson_samples": hutchinson_samples, "pqi_nodes": pqi_nodes,
                   "posterior_structure": posterior_structure, "posterior_num_data": posterior_num_data}
     if {"fisher", "output", "posterior"} & set(criteria):
         t0 = time.perf_counter()
-        stats = collect_layer_stats(model, layers, batches, seed=seed, progress=progress)
+        stats = collect(adapter, layers, batches, want=("H", "G", "ef_diag", "ggn_diag"), fisher="mc", seed=seed,
+                        progress=progress)
         t["statistics_s"] = time.perf_counter() - t0
+        info["n_rows"] = stats.n_rows
         for n, lin in layers.items():
             for b in bits:
                 d = deltas[b][n]
@@ -169,8 +174,8 @@ def sensitivity(model: nn.Module, batches, *, criteria: Sequence[str] = CRITERIA
             for p in params.values():
                 p.requires_grad_(True)
             with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU attention kernels have no double backward
-                traces = hutchinson_trace(lambda ids: next_token_loss(model(input_ids=ids, use_cache=False).logits, ids),
-                                          params, batches, hutchinson_samples, generator=gen, progress=progress)
+                traces = hutchinson_trace(adapter.loss, params, batches, hutchinson_samples, generator=gen,
+                                          progress=progress)
         finally:
             for n, p in params.items():
                 p.requires_grad_(flags[n])
@@ -182,13 +187,13 @@ def sensitivity(model: nn.Module, batches, *, criteria: Sequence[str] = CRITERIA
     if "pqi" in criteria:
         t0 = time.perf_counter()
         for b in bits:
-            per = pqi(model, layers, batches, deltas[b], nodes=pqi_nodes, progress=progress, desc=f"PQI W{b}")
+            per = pqi(adapter, layers, batches, deltas[b], nodes=pqi_nodes, progress=progress, desc=f"PQI W{b}")
             for n, v in per.items():
                 scores["pqi"][n][b] = v
         t["pqi_s"] = time.perf_counter() - t0
     if "measured" in criteria:
         t0 = time.perf_counter()
-        meas = measured_increase(model, layers, batches, {n: {b: deltas[b][n] for b in bits} for n in layers},
+        meas = measured_increase(adapter, layers, batches, {n: {b: deltas[b][n] for b in bits} for n in layers},
                                  progress=progress)
         t["measured_s"] = time.perf_counter() - t0
         for n in layers:

@@ -40,18 +40,18 @@ def find_linears(root: nn.Module, keep: Callable[[str], bool] | None = None, pre
     return out
 
 
-def check_selection(root: nn.Module, patterns: Iterable[str]) -> None:
-    """Every explicit (wildcard-free) pattern must name an existing ``nn.Linear``."""
+def check_selection(root: nn.Module, patterns: Iterable[str], kinds: tuple[type, ...] = (nn.Linear,)) -> None:
+    """Every explicit (wildcard-free) pattern must name an existing layer of one of ``kinds``."""
     mods = dict(root.named_modules())
     for p in patterns:
         if any(ch in p for ch in "*?["):
             continue
         if p not in mods:
             raise QBayesError(f"no module named {p!r} in the model")
-        if not isinstance(mods[p], nn.Linear):
+        if not isinstance(mods[p], kinds):
             raise QBayesError(
-                f"cannot quantize {p!r}: it is a {type(mods[p]).__name__}, and only nn.Linear layers are "
-                "supported so far")
+                f"cannot quantize {p!r}: it is a {type(mods[p]).__name__}, and only "
+                f"{' and '.join('nn.' + k.__name__ for k in kinds)} layers are supported so far")
 
 
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -12,7 +12,10 @@ classification). Predictions use the linearised network (GLM predictive, Immer e
 or sample networks directly (``pred_type="nn"``).
 
 ``Laplace(model, likelihood, subset="all"|"last_layer", structure="diag"|"kron"|"full")``:
-``kron`` reuses the layer-input statistic of the quantization path as its input factor.
+``kron`` gathers its factors with :func:`qbayes.curvature.collect`, the collector the weight
+solvers' layer statistic comes from, so its input factor is the quantization path's ``H / 2``.
+The model is a plain module called as ``model(x)`` on ``(x, y)`` batches; for ``kron`` it may
+also be a :class:`qbayes.models.ModelAdapter` of any family.
 """
 from __future__ import annotations
 
@@ -21,8 +24,11 @@ import math
 import torch
 from torch import nn
 
-from ...curvature import ef_batch, flatten, ggn_batch, jacobians, kfac_factors, mc_fisher_batch, sample_labels, unflatten
+from ...curvature import collect, ef_batch, flatten, ggn_batch, jacobians, mc_fisher_batch, unflatten
+from ...curvature.kron import KronFactors
 from ...errors import QBayesError
+from ...models.adapter import ModelAdapter
+from ...models.module import ModuleAdapter
 from .structures import DiagStructure, FullStructure, KronStructure
 
 STRUCTURES = ("diag", "kron", "full")
@@ -39,6 +45,12 @@ class Laplace:
             raise QBayesError(f"structure must be one of {STRUCTURES}, not {structure!r}")
         if fisher not in ("ggn", "ef", "mc"):
             raise QBayesError(f"fisher must be 'ggn', 'ef' or 'mc' (GGN from sampled labels), not {fisher!r}")
+        if isinstance(model, ModelAdapter):
+            if structure != "kron":
+                raise QBayesError("a model adapter works with structure='kron'; pass the plain module for 'diag'/'full'")
+            self.adapter, model = model, model.model
+        else:
+            self.adapter = ModuleAdapter(model, likelihood)
         self.model, self.likelihood, self.subset, self.structure_name, self.fisher = model, likelihood, subset, structure, fisher
         self.prior_precision = float(prior_precision)
         self.sigma_noise = float(sigma_noise)
@@ -82,10 +94,13 @@ class Laplace:
         return self.model(x)
 
     def fit(self, loader) -> "Laplace":
-        """Curvature and log-likelihood at the current parameters (taken as the MAP)."""
+        """Curvature and log-likelihood at the current parameters (taken as the MAP), in one pass
+        over ``loader`` (a one-shot generator of ``(x, y)`` batches is fine)."""
         self.model.eval()
         self.mean = flatten({k: v.detach() for k, v in self.params.items()}).double()
         self.n_data, self._ll, self._sse = 0, 0.0, 0.0
+        if self.structure_name == "kron":
+            return self._fit_kron(loader)
         p = {k: v.detach() for k, v in self.params.items()}
         fn = self._fn()
         gen = torch.Generator().manual_seed(0)
@@ -97,8 +112,6 @@ class Laplace:
                 self._ll += float(-nn.functional.cross_entropy(f, y, reduction="sum"))
             else:
                 self._sse += float(((f - y.reshape(f.shape)) ** 2).sum())
-            if self.structure_name == "kron":
-                continue
             inp = self._inputs(x)
             if self.fisher == "ggn":
                 c = ggn_batch(fn, p, inp, self.likelihood, self.structure_name)
@@ -109,19 +122,29 @@ class Laplace:
             acc = c.double() if acc is None else acc + c.double()
         if self.n_data == 0:
             raise QBayesError("Laplace.fit got an empty data loader")
-        if self.structure_name == "kron":
-            layers = self._kron_layers()
-            if self.fisher == "mc":  # EF at labels sampled from the model
-                with torch.no_grad():
-                    loader = [(x, sample_labels(self.likelihood, self.model(x), gen).reshape(
-                        y.shape if self.likelihood == "regression" else (-1,))) for x, y in loader]
-            factors = kfac_factors(self.model, layers, loader, self.likelihood, "ggn" if self.fisher == "ggn" else "ef")
-            self.structure = KronStructure(factors, self._layout(layers))
-        elif self.structure_name == "full":
-            self.structure = FullStructure(acc)
-        else:
-            self.structure = DiagStructure(acc)
+        self.structure = FullStructure(acc) if self.structure_name == "full" else DiagStructure(acc)
         self.n_outputs = f.shape[1]
+        return self
+
+    def _fit_kron(self, loader) -> "Laplace":
+        layers = self._kron_layers()
+        fisher = {"ggn": "exact", "mc": "mc", "ef": "ef"}[self.fisher]
+        try:
+            col = collect(self.adapter, layers, loader, want=("H", "G"), fisher=fisher, bias_column=True, nll=True,
+                          dtype=torch.float64)
+        except QBayesError as e:
+            if "empty" in str(e):
+                raise QBayesError("Laplace.fit got an empty data loader") from None
+            raise
+        self.n_data = col.n_samples
+        if self.likelihood == "classification":
+            self._ll = -col.nll
+        else:
+            self._sse = 2 * col.nll  # the unit-noise negative log-likelihood is half the squared error
+        factors = {n: KronFactors(A=col[n].A, G=col[n].G, n=col.n_rows, bias=m.bias is not None)
+                   for n, m in layers.items()}
+        self.structure = KronStructure(factors, self._layout(layers))
+        self.n_outputs = col.n_outputs
         return self
 
     def _kron_layers(self) -> dict[str, nn.Linear]:

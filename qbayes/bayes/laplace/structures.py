@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ...curvature import KronFactors
+from ...curvature.kron import KronFactors
 
 
 class FullStructure:
@@ -68,22 +68,15 @@ class DiagStructure:
 
 class KronStructure:
     """Blocks for linear layers; ``layout`` maps each layer to its (weight, bias) slices of the
-    flat parameter vector, so the layer's parameters are viewed as ``W̃ = [W | b]`` (out, in+1)."""
+    flat parameter vector, so the layer's parameters are viewed as ``W̃ = [W | b]`` (out, in+1).
+    The Kronecker algebra is :mod:`qbayes.curvature.kron`'s."""
 
     def __init__(self, factors: dict[str, KronFactors], layout: dict[str, tuple[slice, slice | None, int, int]]):
-        self.blocks = []
-        for name, f in factors.items():
-            a, QA = torch.linalg.eigh(f.A.double())
-            g, QG = torch.linalg.eigh(f.G.double())
-            self.blocks.append((name, a.clamp_min(0), QA, g.clamp_min(0), QG, f.n, layout[name]))
+        self.blocks = [(name, f.eig(), layout[name]) for name, f in factors.items()]
         self.P = sum(lay[2] * lay[3] for *_, lay in self.blocks)
 
-    @staticmethod
-    def _dense(name, n, a, g, lam, s):
-        return s * n * torch.outer(g, a) + lam  # eigenvalues of the block precision, (out, in+1)
-
     def logdet(self, lam, s):
-        return sum(torch.log(self._dense(nm, n, a, g, lam, s)).sum() for nm, a, _, g, _, n, _ in self.blocks)
+        return sum(e.logdet(s, lam) for _, e, _ in self.blocks)
 
     def _gather(self, J, lay):
         ws, bs, out, inp = lay
@@ -95,16 +88,15 @@ class KronStructure:
     def functional_var(self, J, lam, s):
         J = J.double()
         total = 0
-        for nm, a, QA, g, QG, n, lay in self.blocks:
-            Jt = QG.T @ self._gather(J, lay) @ QA  # (n, C, out, in+1) in the eigenbasis
-            total = total + torch.einsum("ncoi,oi,nkoi->nck", Jt, 1 / self._dense(nm, n, a, g, lam, s), Jt)
+        for _, e, lay in self.blocks:
+            Jt = e.to_eigbasis(self._gather(J, lay))  # (n, C, out, in+1) in the eigenbasis
+            total = total + torch.einsum("ncoi,oi,nkoi->nck", Jt, 1 / e.eigvals(s, lam), Jt)
         return total
 
     def sample(self, k, lam, s, generator=None):
         out = torch.zeros(k, self.P, dtype=torch.float64)
-        for nm, a, QA, g, QG, n, (ws, bs, o, i) in self.blocks:
-            z = torch.randn(k, o, i, dtype=torch.float64, generator=generator)
-            W = QG @ (z / self._dense(nm, n, a, g, lam, s).sqrt()) @ QA.T  # (k, out, in+1)
+        for _, e, (ws, bs, o, i) in self.blocks:
+            W = e.sample(k, s, lam, generator)  # (k, out, in+1)
             if bs is not None:
                 out[:, ws] = W[..., :-1].reshape(k, -1)
                 out[:, bs] = W[..., -1]
@@ -115,9 +107,8 @@ class KronStructure:
     def covariance(self, lam, s):
         """Dense covariance (small models only), assembled block by block."""
         C = torch.zeros(self.P, self.P, dtype=torch.float64)
-        for nm, a, QA, g, QG, n, (ws, bs, o, i) in self.blocks:
-            Q = torch.kron(QG, QA)
-            blk = (Q / self._dense(nm, n, a, g, lam, s).reshape(-1)) @ Q.T  # over W̃ row-major
+        for _, e, (ws, bs, o, i) in self.blocks:
+            blk = e.covariance(s, lam)  # over W̃ row-major
             idx = torch.arange(o * i).reshape(o, i)
             flat = torch.empty(o * i, dtype=torch.long)
             w_idx = torch.arange(ws.start, ws.stop).reshape(o, -1)
