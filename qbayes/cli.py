@@ -347,7 +347,7 @@ def _bench_kernels(args) -> int:
     import torch
 
     from .kernels import cpu
-    from .kernels.bench import BIG, SMOL, run, table
+    from .benchmarks.kernels_cpu import BIG, SMOL, run, table
 
     try:
         bits = tuple(int(b) for b in args.bits.split(","))
@@ -357,7 +357,7 @@ def _bench_kernels(args) -> int:
     shapes = {"smollm2": SMOL, "large": BIG, "all": BIG + SMOL}[args.shapes]
     if args.device == "cuda":
         from .kernels import triton_kernels as tk
-        from .kernels.bench_gpu import run_cuda, table_cuda
+        from .benchmarks.kernels_gpu import run_cuda, table_cuda
 
         if not torch.cuda.is_available() or not tk.available():
             raise QBayesError("--device cuda needs a CUDA GPU and Triton")
