@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from qbayes.kernels import cpu as cpu_kernel
-from qbayes.kernels.bench import BIG, SMOL, run, table
+from qbayes.benchmarks.kernels_cpu import BIG, SMOL, run, table
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 def markdown(res: dict) -> str:

@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,256")
     args = ap.parse_args()
     from qbayes.kernels import triton_kernels as tk
-    from qbayes.kernels.bench_gpu import CUDA, run_cuda, table_cuda
+    from qbayes.benchmarks.kernels_gpu import CUDA, run_cuda, table_cuda
 
     if not tk.available():
         sys.exit("no CUDA device and no Triton interpreter: nothing to time")

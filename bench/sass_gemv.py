@@ -1,6 +1,6 @@
 """Static cost of the batch-1 Triton kernels on Hopper, without a GPU.
 
-Compiles the gemv kernels of qbayes/kernels/triton_kernels.py for sm_90 (Triton's own ptxas),
+Compiles the gemv kernels of qbayes/kernels/triton_gemv.py for sm_90 (Triton's own ptxas),
 disassembles them with the cuobjdump that Triton's wheel carries, finds the hot loop (the
 backward branch) and counts its machine instructions per weight code. A batch-1 GEMV has no data
 reuse, so once its loads are in flight it is bound either by DRAM bytes or by instruction issue:
@@ -27,7 +27,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from qbayes.kernels import triton_kernels as tk  # noqa: E402
+from qbayes.kernels import triton_base as tb  # noqa: E402
+from qbayes.kernels import triton_gemv as tg  # noqa: E402
 
 SMS, CLOCK_GHZ, BW_TBS = 132, 1.98, 4.8
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -78,7 +79,7 @@ def gemv_v2(bits, bn, words, warps, stages):
     sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "qz_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*fp32",
            "N": "i32", "K": "i32", "G": "i32", "GS": "i32", "row_words": "i32", "zrow_bytes": "i32",
            "words_per_split": "i32"}
-    k = _compile(tk._gemv_kernel, sig, {"BITS": bits, "HAS_ZERO": True, "HAS_BIAS": False, "SPLIT": True,
+    k = _compile(tg._gemv_kernel, sig, {"BITS": bits, "HAS_ZERO": True, "HAS_BIAS": False, "SPLIT": True,
                                          "BLOCK_N": bn, "BLOCK_W": words},
                  ["x_ptr", "qw_ptr", "sc_ptr", "qz_ptr", "b_ptr", "y_ptr", "N", "K", "G", "GS", "row_words",
                   "zrow_bytes", "words_per_split"], warps, stages)
@@ -89,12 +90,12 @@ def gemvg(bits, bn, gw, warps, stages, split=8):
     sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "qz_ptr": "*u8", "b_ptr": "*bf16",
            "y_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "xs_ptr": "*fp32", "N": "i32", "K": "i32",
            "G": "i32", "row_words": "i32", "zrow_bytes": "i32", "chunks_per_split": "i32", "n_split": "i32"}
-    k = _compile(tk._gemvg_kernel, sig, {"BITS": bits, "HAS_ZERO": True, "HAS_BIAS": False, "SPLIT": split > 1,
-                                          "BLOCK_N": bn, "GW": gw, "CW": tk._chunk_words(gw), "XB": 256,
+    k = _compile(tg._gemvg_kernel, sig, {"BITS": bits, "HAS_ZERO": True, "HAS_BIAS": False, "SPLIT": split > 1,
+                                          "BLOCK_N": bn, "GW": gw, "CW": tb._chunk_words(gw), "XB": 256,
                                           "UNROLL": stages},
                  ["x_ptr", "qw_ptr", "sc_ptr", "qz_ptr", "b_ptr", "y_ptr", "part_ptr", "cnt_ptr", "xs_ptr", "N", "K",
                   "G", "row_words", "zrow_bytes"], warps, stages)
-    return k, bn * tk._chunk_words(gw) * (32 // bits) * stages  # stages: chunks per loop step (UNROLL)
+    return k, bn * tb._chunk_words(gw) * (32 // bits) * stages  # stages: chunks per loop step (UNROLL)
 
 
 def main():

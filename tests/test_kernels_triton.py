@@ -213,7 +213,7 @@ def test_bad_layouts_are_refused():
 def test_gpu_bench_harness_runs():
     """The GPU speed table's harness (CUDA graphs, L2-defeating weight copies) on a tiny shape:
     rows carry the fields of bench/results/kernels.json and a float64 error check."""
-    from qbayes.kernels.bench_gpu import run_cuda, table_cuda
+    from qbayes.benchmarks.kernels_gpu import run_cuda, table_cuda
 
     rows = run_cuda([(128, 96)], (4,), (1, 20), rounds=1, min_ms=0.2, cache_bytes=5e4, verbose=False)
     assert [r["batch"] for r in rows] == [1, 20]

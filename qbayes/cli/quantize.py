@@ -1,0 +1,69 @@
+"""``qbayes quantize``: calibrate, quantize, evaluate before and after, save."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .common import _resolve_model, _table, _windows
+from .mixed import allocate_for
+
+
+def _quantize(args) -> int:
+
+    from .. import QuantSpec, quantize_, save_quantized
+    from ..data import CALIB_TEXT, calibration_windows, data_path, tokenize_file
+    from ..eval import perplexity
+    from ..io import checkpoint_bytes
+    from ..models import load_causal_lm
+
+    spec = QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, clip=args.clip)
+    model_path = _resolve_model(args.model)
+    model, tok = load_causal_lm(model_path)
+    from ..api import select_layers
+    select_layers(model, spec)  # refuse an impossible spec before minutes of evaluation
+    head = None
+    if args.head_bits is not None:
+        from ..api import _check_head
+        head = QuantSpec(bits=args.head_bits, group_size=args.group_size, symmetric=True, clip=args.clip)
+        _check_head(model, head)
+    fp32_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6  # tied tensors once
+    rows = []
+    windows = None if args.no_eval else _windows(args, tok)
+    if windows is not None:
+        print(f"evaluating fp32 perplexity on {len(windows)} windows of {args.seqlen} tokens")
+        rows.append(("fp32", "-", "-", perplexity(model, windows), fp32_mb, None))
+
+    from ..algorithms import get_solver
+    solver = get_solver(args.method)
+    calib = None
+    if solver.needs_hessian:
+        cpath = Path(args.calib) if args.calib else data_path(CALIB_TEXT)
+        calib = calibration_windows(tokenize_file(cpath, tok), args.seqlen, args.calib_samples)
+    options = {"act_order": args.act_order, "damp": args.damp} if args.method == "gptq" else {}
+    target, record = spec, None
+    if args.avg_bits is not None:
+        target, record = allocate_for(args, model, tok, spec)
+    print(f"quantizing to {spec if record is None else f'mixed {args.avg_bits} bits'} with {args.method}"
+          + (f" on {len(calib)} calibration windows" if calib is not None else ""))
+    t0 = time.perf_counter()
+    quantize_(model, target, args.method, calib, batch_size=args.batch_size, head=head, **options)
+    qs = time.perf_counter() - t0
+    if record is not None:
+        model.qbayes_config["allocation"] = record
+
+    tag = f"mix{args.avg_bits:g}" if record is not None else f"w{args.bits}"
+    out = Path(args.out) if args.out else Path("qbayes-out") / (
+        f"{Path(model_path).name}-{tag}{'pc' if args.group_size == -1 else f'g{args.group_size}'}-{args.method}")
+    save_quantized(model, out, tokenizer=tok, extra={"source_model": str(model_path)})
+    size_mb = checkpoint_bytes(out) / 1e6
+    if windows is not None:
+        print("evaluating quantized perplexity")
+        ppl = perplexity(model, windows)
+    else:
+        ppl = float("nan")
+    shown_bits = args.bits if record is None else f"{record['code_bits_per_weight']:.2f} (mixed)"
+    rows.append((args.method, shown_bits, spec.granularity, ppl, size_mb, qs))
+    print()
+    print(_table(rows))
+    print(f"\nsaved to {out}")
+    return 0
