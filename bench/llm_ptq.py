@@ -11,16 +11,18 @@ Protocol (shared by every benchmark of the project, see README):
 
 Each configuration runs in a fresh process, so its wall time and peak RSS are its own. The
 quantized model is saved, reloaded from disk, and the reloaded model is what is evaluated.
+Rows are integer affine codes (asymmetric, MSE ranges) unless their ``format`` says ``nf4``
+(QLoRA's NormalFloat-4 with an absmax scale per block of 64). The reference library's numbers
+are read from ``bench/reference/smollm2_gptq_reference.json`` (with their provenance).
 
     python bench/llm_ptq.py                      # every row, writes bench/results/llm_ptq.{json,md}
-    python bench/llm_ptq.py --only gptq:4:64     # one row, printed only
+    python bench/llm_ptq.py --only gptq:4:64     # one row, printed only (gptq:4:64:nf4 for NF4)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,18 +31,24 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, machine, write_results  # noqa: E402
 
-# (method, bits, group_size); group -1 = per-channel
-CONFIGS = [("fp32", None, None)] + [(m, b, g) for b, g in [(4, 64), (4, -1), (3, 64), (2, 32)] for m in ("rtn", "gptq")]
+# (method, bits, group_size, format); group -1 = per-channel
+CONFIGS = ([("fp32", None, None, "int")]
+           + [(m, b, g, "int") for b, g in [(4, 64), (4, -1), (3, 64), (2, 32)] for m in ("rtn", "gptq")]
+           + [(m, 4, 64, "nf4") for m in ("rtn", "gptq")])
 GPTQ_OPTIONS = {"act_order": True}
-# A widely used library's GPTQ on this very protocol (numbers given with the task)
-REFERENCE = {"fp32": 28.74, (4, 64): 34.83, (4, -1): 43.25, (3, 64): 70.79}
-TARGETS = {(4, 64): 34.0, (4, -1): 42.0, (3, 64): 65.0}
+REFERENCE_FILE = ROOT / "bench" / "reference" / "smollm2_gptq_reference.json"
 
 
-def run_one(method: str, bits: int | None, group: int | None) -> dict:
+def reference() -> dict:
+    """``{"fp32" | (bits, group): perplexity}`` of the reference library (provenance in the file)."""
+    rows = json.loads(REFERENCE_FILE.read_text())["rows"]
+    return {"fp32" if r["method"] == "fp32" else (r["bits"], r["group_size"]): r["ppl"] for r in rows}
+
+
+def run_one(method: str, bits: int | None, group: int | None, fmt: str = "int") -> dict:
     import torch
 
     torch.set_num_threads(2)
@@ -53,13 +61,13 @@ def run_one(method: str, bits: int | None, group: int | None) -> dict:
     path = smollm2_135m()
     model, tok = load_causal_lm(str(path))
     windows = eval_windows(tokenize_file(data_path(EVAL_TEXT), tok), 512, 40)
-    row = {"method": method, "bits": bits, "group_size": group}
+    row = {"method": method, "bits": bits, "group_size": group, "format": fmt if method != "fp32" else None}
     if method == "fp32":
         row.update(ppl=perplexity(model, windows, progress=False), quantize_s=None,
                    checkpoint_mb=(path / "model.safetensors").stat().st_size / 1e6)
     else:
         calib = calibration_windows(tokenize_file(data_path(CALIB_TEXT), tok), 512, 64, seed=0)
-        spec = QuantSpec(bits=bits, group_size=group, symmetric=False, clip="mse")
+        spec = QuantSpec(bits=bits, group_size=group, symmetric=False, clip="mse", format=fmt)
         opts = GPTQ_OPTIONS if method == "gptq" else {}
         t0 = time.perf_counter()
         quantize_(model, spec, method, calib, progress=False, **opts)
@@ -76,8 +84,7 @@ def run_one(method: str, bits: int | None, group: int | None) -> dict:
 
 
 def _spawn(cfg) -> dict:
-    m, b, g = cfg
-    r = subprocess.run([sys.executable, __file__, "--child", f"{m}:{b}:{g}"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, __file__, "--child", ":".join(map(str, cfg))], capture_output=True, text=True,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if r.returncode:
         raise RuntimeError(f"{cfg} failed:\n{r.stderr[-3000:]}")
@@ -85,21 +92,8 @@ def _spawn(cfg) -> dict:
 
 
 def _parse(s: str):
-    m, b, g = s.split(":")
-    return m, None if b == "None" else int(b), None if g == "None" else int(g)
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": 2, "torch": torch.__version__, "python": platform.python_version()}
+    m, b, g, *f = s.split(":")
+    return m, None if b == "None" else int(b), None if g == "None" else int(g), (f[0] if f else "int")
 
 
 def markdown(res: dict) -> str:
@@ -109,27 +103,37 @@ def markdown(res: dict) -> str:
         "",
         f"Machine: {res['machine']['cpu']} (AVX2), {res['machine']['cores']} cores, {p['threads']} torch threads, "
         f"torch {res['machine']['torch']}. GPTQ options: {json.dumps(GPTQ_OPTIONS)}, damp 0.01, MSE range search, "
-        "asymmetric codes, float16 scales; embeddings/lm_head kept in float16.",
+        "asymmetric codes (int) or NF4, float16 scales; embeddings/lm_head kept in float16.",
+        "",
+        f"Commit {res.get('commit', '?')}; command `{res.get('command', '?')}`; {res.get('date', '')}.",
         "",
         f"Protocol: {p['eval']}; calibration {p['calibration']}.",
         "",
-        "| method | bits | groups | perplexity | reference GPTQ | quantize (s) | checkpoint (MB) | × fp32 size | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    fp32 = next(r for r in res["rows"] if r["method"] == "fp32")
-    for r in res["rows"]:
-        key = "fp32" if r["method"] == "fp32" else (r["bits"], r["group_size"])
-        ref = REFERENCE.get(key) if r["method"] in ("fp32", "gptq") else None
-        groups = "-" if r["group_size"] is None else ("per-channel" if r["group_size"] == -1 else f"g{r['group_size']}")
-        qs = "-" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}"
-        lines.append(f"| {r['method']} | {r['bits'] or 32} | {groups} | {r['ppl']:.2f} | {ref if ref else '-'} | {qs} | "
-                     f"{r['checkpoint_mb']:.1f} | {r['checkpoint_mb'] / fp32['checkpoint_mb']:.3f} | {r['peak_rss_mb']:.0f} |")
+    ] + table(res)
     if "gptq_w4g64_timing" in res:
         t = res["gptq_w4g64_timing"]
         lines += ["", f"GPTQ W4 g64 quantization wall time over {len(t['runs'])} runs: median {t['median_s']:.1f} s "
                       f"(runs: {', '.join(f'{x:.1f}' for x in t['runs'])}); the reference library took 260–280 s on this machine."]
-    lines += ["", "Reference GPTQ: a widely used library's GPTQ measured on this very protocol (given with the task)."]
+    lines += ["", "Reference GPTQ: " + json.loads(REFERENCE_FILE.read_text())["provenance"]]
     return "\n".join(lines) + "\n"
+
+
+def table(res: dict) -> list[str]:
+    """The Markdown table of the rows (the README quotes it; tests/test_readme_numbers.py checks it)."""
+    ref = reference()
+    lines = ["| method | format | bits | groups | perplexity | reference GPTQ | quantize (s) | checkpoint (MB) | × fp32 size "
+             "| peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fp32 = next(r for r in res["rows"] if r["method"] == "fp32")
+    for r in res["rows"]:
+        fmt = r.get("format") or "int"
+        key = "fp32" if r["method"] == "fp32" else (r["bits"], r["group_size"])
+        rv = ref.get(key) if r["method"] == "fp32" or (r["method"] == "gptq" and fmt == "int") else None
+        groups = "-" if r["group_size"] is None else ("per-channel" if r["group_size"] == -1 else f"g{r['group_size']}")
+        qs = "-" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}"
+        lines.append(f"| {r['method']} | {'-' if r['method'] == 'fp32' else fmt} | {r['bits'] or 32} | {groups} | "
+                     f"{r['ppl']:.2f} | {rv if rv else '-'} | {qs} | {r['checkpoint_mb']:.1f} | "
+                     f"{r['checkpoint_mb'] / fp32['checkpoint_mb']:.3f} | {r['peak_rss_mb']:.0f} |")
+    return lines
 
 
 def main() -> None:
@@ -143,7 +147,9 @@ def main() -> None:
         print(json.dumps(run_one(*_parse(a.child))))
         return
     if a.render:
-        (RESULTS / "llm_ptq.md").write_text(markdown(json.loads((RESULTS / "llm_ptq.json").read_text())))
+        res = json.loads((RESULTS / "llm_ptq.json").read_text())
+        write_results("llm_ptq", res, markdown(res), provenance_of={k: res[k] for k in ("commit", "command", "date")
+                                                                      if k in res})
         return
     if a.only:
         print(json.dumps(_spawn(_parse(a.only)), indent=1))
@@ -164,15 +170,15 @@ def main() -> None:
             "perplexity_of": "the quantized model reloaded from disk",
             "units": "checkpoint_mb in 10^6 bytes; peak_rss_mb in 2^20 bytes (ru_maxrss of the row's own process)",
         },
-        "machine": machine(),
+        "machine": machine(2),
         "rows": rows,
     }
-    main_row = next(r for r in rows if r["method"] == "gptq" and r["bits"] == 4 and r["group_size"] == 64)
-    runs = [main_row["quantize_s"]] + [_spawn(("gptq", 4, 64))["quantize_s"] for _ in range(max(0, a.timing_repeats - 1))]
+    main_row = next(r for r in rows if r["method"] == "gptq" and r["bits"] == 4 and r["group_size"] == 64
+                    and r["format"] == "int")
+    runs = [main_row["quantize_s"]] + [_spawn(("gptq", 4, 64, "int"))["quantize_s"]
+                                       for _ in range(max(0, a.timing_repeats - 1))]
     res["gptq_w4g64_timing"] = {"runs": runs, "median_s": statistics.median(runs)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "llm_ptq.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / "llm_ptq.md").write_text(markdown(res))
+    write_results("llm_ptq", res, markdown(res))
     print(markdown(res))
 
 

@@ -1,4 +1,4 @@
-"""Reference matmul on packed weights: unpack, dequantize, then a dense matmul.
+"""Reference matmul on packed weights: unpack, decode with the weight's format, then a dense matmul.
 
 This path is the ground truth every fast kernel is tested against, and the fallback that
 always works (any device, any bit-width, any group size).
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import dequantize, unpack
+from ..formats import get_format
 
 
 def dequantize_packed(
@@ -18,21 +18,15 @@ def dequantize_packed(
     in_features: int,
     group_size: int,
     dtype: torch.dtype = torch.float32,
+    format: str = "int",
 ) -> torch.Tensor:
-    """Dense ``(out, in)`` weight from packed codes, group scales and packed zero-points.
+    """Dense ``(out, in)`` weight from packed codes, group scales and packed zero-points, by the
+    named format's own decoder (:meth:`qbayes.formats.Format.dequantize_packed`).
 
     ``group_size`` is the number of columns per group (``in_features`` for per-channel).
-    Symmetric formats pass ``qzeros=None`` (zero-point ``2^(bits-1)``).
+    Symmetric integer formats pass ``qzeros=None`` (zero-point ``2^(bits-1)``).
     """
-    out = qweight.shape[0]
-    n_groups = scales.shape[1]
-    codes = unpack(qweight, bits, in_features).reshape(out, n_groups, group_size)
-    s = scales.to(dtype).unsqueeze(-1)
-    if qzeros is None:
-        z = torch.full((), float(1 << (bits - 1)), dtype=dtype, device=s.device)
-    else:
-        z = unpack(qzeros, bits, n_groups).to(dtype).unsqueeze(-1)
-    return dequantize(codes, s, z).reshape(out, in_features)
+    return get_format(format).dequantize_packed(qweight, scales, qzeros, bits, in_features, group_size, dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
