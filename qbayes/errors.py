@@ -16,3 +16,8 @@ class CheckpointError(QBayesError):
 
 class CalibrationError(QBayesError):
     """Calibration data is missing, empty or unusable."""
+
+
+class KernelError(QBayesError, RuntimeError):
+    """A fast kernel was asked for where it cannot run (not built, not installed, a layout it
+    does not take); the reference path always works."""

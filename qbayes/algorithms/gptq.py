@@ -28,6 +28,7 @@ from ..formats import PER_CHANNEL, PER_TENSOR, QuantizedWeight, group_view
 from ..ranges import choose_params
 from ..spec import QuantSpec
 from .base import check_weight
+from ..errors import QBayesError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def gptq(
     check_weight(W, spec)
     rows, cols = W.shape
     if H.shape != (cols, cols):
-        raise ValueError(f"H has shape {tuple(H.shape)}, expected ({cols}, {cols})")
+        raise QBayesError(f"H has shape {tuple(H.shape)}, expected ({cols}, {cols})")
     dtype = H.dtype if H.dtype in (torch.float32, torch.float64) else torch.float32
     W = W.to(dtype).clone()
     H = H.to(dtype).clone()
@@ -130,4 +131,4 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
                     log.warning("GPTQ: H was not positive definite; damping raised to %.3g", lam)
                 return U
         lam = lam * 10 if lam > 0 else 1e-6
-    raise ValueError("GPTQ: the layer statistic H is not positive definite even with strong damping")
+    raise QBayesError("GPTQ: the layer statistic H is not positive definite even with strong damping")

@@ -17,6 +17,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
+from ..errors import QBayesError
+
 Params = dict[str, torch.Tensor]
 LogPosterior = Callable[[Params, Any], tuple[torch.Tensor, Any]]
 
@@ -97,7 +99,7 @@ def model_log_posterior(
     Returns ``(value, output)``.
     """
     if likelihood not in ("classification", "regression"):
-        raise ValueError(f"likelihood must be 'classification' or 'regression', not {likelihood!r}")
+        raise QBayesError(f"likelihood must be 'classification' or 'regression', not {likelihood!r}")
 
     def log_post(params: Params, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch

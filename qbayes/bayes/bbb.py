@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import QBayesError
+
 
 class _MeanField(nn.Module):
     """Shared parameters and KL of a mean-field layer; subclasses define ``_mean_var``."""
@@ -76,7 +78,7 @@ class MeanFieldConv2d(_MeanField):
         self._init_params(layer.weight, layer.bias, prior_std, init_sd)
         self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
         if layer.padding_mode != "zeros":
-            raise ValueError("mean-field convolutions support zero padding only")
+            raise QBayesError("mean-field convolutions support zero padding only")
 
     def _mean_var(self, x):
         mean = F.conv2d(x, self.weight_mu, self.bias_mu, **self.conv)
@@ -98,7 +100,7 @@ def to_mean_field(model: nn.Module, prior_std: float = 1.0, init_sd: float = 1e-
             parent, _, attr = name.rpartition(".")
             setattr(new.get_submodule(parent) if parent else new, attr, repl)
     if not any(isinstance(m, _MeanField) for m in new.modules()):
-        raise ValueError("the model has no Linear or Conv2d layer to make Bayesian")
+        raise QBayesError("the model has no Linear or Conv2d layer to make Bayesian")
     return new
 
 

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from .base import State
+from ..errors import QBayesError
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,9 @@ class Cyclical:
 
     def __post_init__(self):
         if self.n_cycles < 1 or self.total_steps < self.n_cycles:
-            raise ValueError("need at least one step per cycle")
+            raise QBayesError("need at least one step per cycle")
         if not 0 <= self.explore < 1:
-            raise ValueError("explore is a fraction in [0, 1)")
+            raise QBayesError("explore is a fraction in [0, 1)")
 
     @property
     def cycle_length(self) -> int:

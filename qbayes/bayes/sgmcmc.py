@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from .base import LogPosterior, Params, State, Transform, commit, scheduled, value_and_grad
+from ..errors import QBayesError
 
 Hyper = float | Callable[[int], float]
 
@@ -110,7 +111,7 @@ def sasgld(log_posterior: LogPosterior, lr: float, alpha: float = 1.0, m: float 
            r: float = 0.5, temperature: Hyper = 1.0) -> Transform:
     """SGLD with SamAdams-style adaptive (time-rescaled) step sizes; samples carry weights."""
     if not 0 < m < M:
-        raise ValueError("SA-SGLD needs 0 < m < M (bounds of the step-size factor)")
+        raise QBayesError("SA-SGLD needs 0 < m < M (bounds of the step-size factor)")
 
     def psi(zeta: float) -> float:
         z = zeta**r

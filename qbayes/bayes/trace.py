@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .base import Params, State
+from ..errors import QBayesError
 
 
 class Trace:
@@ -19,7 +20,7 @@ class Trace:
     def __init__(self, burnin: int = 0, thin: int = 1, max_samples: int | None = None,
                  keep: Callable[[State], bool] | None = None, device: str | torch.device = "cpu"):
         if thin < 1:
-            raise ValueError("thin must be at least 1")
+            raise QBayesError("thin must be at least 1")
         self.burnin, self.thin, self.keep, self.device = burnin, thin, keep, device
         self.samples: deque[Params] = deque(maxlen=max_samples)
         self.weights: deque[float] = deque(maxlen=max_samples)
@@ -38,7 +39,7 @@ class Trace:
     def stacked(self) -> Params:
         """``{name: tensor with a leading sample dimension}``."""
         if not self.samples:
-            raise ValueError("the trace holds no samples (burn-in longer than the run?)")
+            raise QBayesError("the trace holds no samples (burn-in longer than the run?)")
         return {k: torch.stack([s[k] for s in self.samples]) for k in self.samples[0]}
 
     def weight_tensor(self) -> torch.Tensor:
@@ -67,7 +68,7 @@ def predictive(model: nn.Module, samples: list[Params] | Trace, x: torch.Tensor,
         weights = samples.weight_tensor() if weights is None else weights
         samples = list(samples.samples)
     if not samples:
-        raise ValueError("no samples to average over")
+        raise QBayesError("no samples to average over")
     link = link or (lambda z: torch.softmax(z, -1))
     w = weights if weights is not None else torch.full((len(samples),), 1 / len(samples), dtype=torch.float64)
     out = None

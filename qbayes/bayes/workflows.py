@@ -20,6 +20,7 @@ from .base import model_log_posterior
 from .laplace import Laplace
 from .trace import Trace, predictive
 from .vbll import VBLLClassification, VBLLNet
+from ..errors import QBayesError
 
 log = logging.getLogger(__name__)
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -123,7 +124,7 @@ def fit_sgmcmc(model: nn.Module, x, y, sampler: str = "sghmc", epochs: int = 4, 
     elif sampler == "sgld":
         t = sgmcmc.sgld(log_post, lr=lambda s: cyc.lr(s) / n, temperature=cyc.temperature(temperature))
     else:
-        raise ValueError(f"sampler must be 'sghmc' or 'sgld', not {sampler!r}")
+        raise QBayesError(f"sampler must be 'sghmc' or 'sgld', not {sampler!r}")
     L = cyc.cycle_length
     spacing = max(1, int(L * (1 - cyc.explore)) // samples_per_cycle)
 

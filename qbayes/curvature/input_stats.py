@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import QBayesError
+
 
 class InputSecondMoment:
     """Running ``H = (2/n) Σ x xᵀ`` over the rows of inputs of width ``dim``.
@@ -41,7 +43,7 @@ class InputSecondMoment:
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``x`` of shape ``(..., dim)`` (every leading index is a sample)."""
         if x.shape[-1] != self.dim:
-            raise ValueError(f"input width {x.shape[-1]} does not match statistic width {self.dim}")
+            raise QBayesError(f"input width {x.shape[-1]} does not match statistic width {self.dim}")
         x = x.reshape(-1, self.dim).to(self._acc.dtype)
         m = x.shape[0]
         if m == 0:

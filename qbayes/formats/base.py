@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .packing import packed_length, unpack
+from ..errors import QBayesError
 
 PER_CHANNEL = -1
 PER_TENSOR = 0
@@ -47,13 +48,13 @@ def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     ``group_size`` is a positive divisor of ``cols``, :data:`PER_CHANNEL` or :data:`PER_TENSOR`.
     """
     if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+        raise QBayesError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     rows, cols = w.shape
     if group_size == PER_TENSOR:
         return w.reshape(1, 1, rows * cols)
     g = cols if group_size == PER_CHANNEL else group_size
     if g <= 0 or cols % g:
-        raise ValueError(f"group size {group_size} does not divide the input dimension {cols}")
+        raise QBayesError(f"group size {group_size} does not divide the input dimension {cols}")
     return w.reshape(rows, cols // g, g)
 
 
@@ -151,6 +152,6 @@ class QuantizedWeight:
     def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
         """Split along the output dimension (undoes a row-wise concatenation of layers)."""
         if self.group_size == PER_TENSOR:
-            raise ValueError("per-tensor quantized weights cannot be split by rows")
+            raise QBayesError("per-tensor quantized weights cannot be split by rows")
         parts = zip(self.codes.split(sizes), self.scale.split(sizes), self.zero.split(sizes))
         return [QuantizedWeight(c, s, z, self.bits, self.group_size, self.symmetric, self.format) for c, s, z in parts]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .base import Format, round_scale_up
+from ..errors import QBayesError
 
 SUPPORTED_BITS = tuple(range(1, 9))
 
@@ -43,7 +44,7 @@ def params_from_range(
     ``xmin``; ``zero`` holds integer values.
     """
     if bits not in SUPPORTED_BITS or (symmetric and bits < 2):
-        raise ValueError(f"unsupported bit-width {bits}: integer formats take 1..8 bits (symmetric 2..8)")
+        raise QBayesError(f"unsupported bit-width {bits}: integer formats take 1..8 bits (symmetric 2..8)")
     xmin = torch.minimum(xmin, torch.zeros_like(xmin))
     xmax = torch.maximum(xmax, torch.zeros_like(xmax))
     if symmetric:

@@ -10,11 +10,13 @@ import math
 
 import torch
 
+from ..errors import QBayesError
+
 
 def _chunk(bits: int) -> tuple[int, int]:
     """(codes per chunk, bytes per chunk)."""
     if not 1 <= bits <= 8:
-        raise ValueError(f"cannot pack {bits}-bit codes: 1..8 bits are supported")
+        raise QBayesError(f"cannot pack {bits}-bit codes: 1..8 bits are supported")
     l = math.lcm(bits, 8)
     return l // bits, l // 8
 
@@ -29,7 +31,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack the last dimension of an integer tensor of codes in ``[0, 2^bits)`` into uint8."""
     cpc, bpc = _chunk(bits)
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
-        raise ValueError(f"codes out of range for {bits}-bit packing")
+        raise QBayesError(f"codes out of range for {bits}-bit packing")
     *lead, n = codes.shape
     if bits == 8:
         return codes.to(torch.uint8).clone()
@@ -60,7 +62,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     cpc, bpc = _chunk(bits)
     *lead, m = packed.shape
     if m != packed_length(n, bits):
-        raise ValueError(f"packed row of {m} bytes cannot hold exactly {n} codes of {bits} bits")
+        raise QBayesError(f"packed row of {m} bytes cannot hold exactly {n} codes of {bits} bits")
     if bits == 8:
         return packed.clone()
     if 8 % bits == 0:

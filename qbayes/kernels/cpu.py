@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..paths import cache_dir
+from ..errors import KernelError
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemm_cpu.cpp"
@@ -103,7 +104,7 @@ def dequant(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | 
     """Dense float32 ``(out, in)`` weight, bit-identical to the reference dequantization."""
     mod = _module()
     if mod is None:
-        raise RuntimeError("the CPU packed-weight kernel is not available (see qbayes.kernels.cpu.available())")
+        raise KernelError("the CPU packed-weight kernel is not available (see qbayes.kernels.cpu.available())")
     return mod.dequant(qweight, scales, qzeros, bits, in_features, group_cols)
 
 
@@ -126,7 +127,7 @@ def qgemm_tiled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
     """Many rows: dequantize ``tile`` weight rows at a time into a reused buffer, BLAS GEMM each."""
     mod = _module()
     if mod is None:
-        raise RuntimeError("the CPU packed-weight kernel is not available (see qbayes.kernels.cpu.available())")
+        raise KernelError("the CPU packed-weight kernel is not available (see qbayes.kernels.cpu.available())")
     if tile is None:
         tile = default_tile(qweight.shape[0], x.shape[-1])
     return mod.qgemm_tiled(x.contiguous(), qweight, scales, qzeros, bits, group_cols, tile)
@@ -137,7 +138,7 @@ def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: 
     """``x (M, K) float32 @ W.T (+ bias)`` with ``W`` the packed weight; returns ``(M, N)`` float32."""
     mod = _module()
     if mod is None:
-        raise RuntimeError("the CPU packed-weight kernel is not available (see qbayes.kernels.cpu.available())")
+        raise KernelError("the CPU packed-weight kernel is not available (see qbayes.kernels.cpu.available())")
     if bias is not None and (bias.dtype not in (torch.float32, torch.float16) or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
     return mod.qgemm(x.contiguous(), qweight, scales, qzeros, bits, group_cols, bias)

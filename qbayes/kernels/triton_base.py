@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import KernelError, QBayesError
+
 try:
     import triton
     import triton.language as tl
@@ -42,13 +44,13 @@ def available() -> bool:
 
 def _check(qweight, scales, qzeros, bits, in_features, group_cols):
     if triton is None:
-        raise RuntimeError("Triton is not installed")
+        raise KernelError("Triton is not installed")
     if not 2 <= bits <= 8:
-        raise ValueError(f"unsupported bit-width {bits}")
+        raise QBayesError(f"unsupported bit-width {bits}")
     if in_features % group_cols or scales.shape[1] != in_features // group_cols:
-        raise ValueError("scales do not match the group size")
+        raise QBayesError("scales do not match the group size")
     if not (qweight.is_contiguous() and scales.is_contiguous() and (qzeros is None or qzeros.is_contiguous())):
-        raise ValueError("packed tensors must be contiguous")
+        raise QBayesError("packed tensors must be contiguous")
 
 
 @dataclass(frozen=True)

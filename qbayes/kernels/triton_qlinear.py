@@ -16,6 +16,7 @@ import torch
 from .triton_base import (_FUSE, Config, _cdiv, _check, _chunk_words, _sm_count, _weight_state, _word_ok, interpreted,
                           triton)
 from .triton_gemv import _launch_gemvg
+from ..errors import KernelError, QBayesError
 
 if triton is not None:
     from .triton_gemm import _dotw_kernel, _qlinear_kernel, _split_sum_kernel
@@ -151,7 +152,7 @@ def _tune(key, cands, run) -> Config:
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
-        raise RuntimeError(f"no Triton configuration ran for {key}")
+        raise KernelError(f"no Triton configuration ran for {key}")
     return best
 
 
@@ -170,7 +171,7 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     word_ok = _word_ok(qweight, bits, in_features, group_cols)
     if config is not None:
         if config.kind in ("gemvg", "gemv", "dotw") and not word_ok:
-            raise ValueError(f"the {config.kind} kernel needs 2/4/8-bit codes in whole words (bits={bits}, K={K}, "
+            raise QBayesError(f"the {config.kind} kernel needs 2/4/8-bit codes in whole words (bits={bits}, K={K}, "
                              f"group size {group_cols})")
         return _launch(config, x, qweight, scales, qzeros, bias, bits, in_features, group_cols, y)
     rows = M if M <= 4 else 16 if M <= 16 else 64

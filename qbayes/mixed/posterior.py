@@ -21,6 +21,7 @@ import torch
 
 from ..curvature import LayerStatistics
 from ..curvature.kron import KronFactors
+from ..errors import QBayesError
 
 
 def prior_precision(W: torch.Tensor) -> float:
@@ -40,5 +41,5 @@ def posterior(dW: torch.Tensor, st: LayerStatistics, W: torch.Tensor, structure:
     elif structure == "diag":
         like = float((st.ggn_diag.double() * d.square()).sum())
     else:
-        raise ValueError(f"unknown posterior structure {structure!r}: 'kron' or 'diag'")
+        raise QBayesError(f"unknown posterior structure {structure!r}: 'kron' or 'diag'")
     return 0.5 * (like + prior)

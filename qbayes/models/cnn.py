@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import QBayesError
+
 
 def fashion_cnn(n_classes: int = 10, width: int = 32, hidden: int = 128) -> nn.Sequential:
     """Two conv blocks and two dense layers for 1x28x28 images (~225k parameters at the defaults).
@@ -20,5 +22,5 @@ def fashion_cnn(n_classes: int = 10, width: int = 32, hidden: int = 128) -> nn.S
 def split_last_layer(model: nn.Sequential) -> tuple[nn.Sequential, nn.Linear]:
     """``(features, head)`` of a Sequential ending in an ``nn.Linear``."""
     if not isinstance(model, nn.Sequential) or not isinstance(model[-1], nn.Linear):
-        raise ValueError("expected an nn.Sequential whose last module is nn.Linear")
+        raise QBayesError("expected an nn.Sequential whose last module is nn.Linear")
     return model[:-1], model[-1]

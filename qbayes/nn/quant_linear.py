@@ -22,6 +22,7 @@ from ..formats import PER_CHANNEL, PER_TENSOR, QuantizedWeight, pack, packed_len
 from ..kernels import cpu as cpu_kernel
 from ..kernels import linear
 from ..spec import QuantSpec
+from ..errors import QBayesError
 
 # rows of activations up to which the packed CPU kernel beats dequantized tiles x GEMM (bench/kernels.py)
 CPU_KERNEL_MAX_ROWS = 8
@@ -64,7 +65,7 @@ class QuantLinear(nn.Module):
             scale, zero = scale.expand(out, 1), zero.expand(out, 1)
         stored = scale.to(spec.torch_scale_dtype)
         if not torch.equal(stored.to(scale.dtype), scale):
-            raise ValueError("scales are not representable in the storage dtype; use qbayes.ranges to choose them")
+            raise QBayesError("scales are not representable in the storage dtype; use qbayes.ranges to choose them")
         m.qweight.copy_(pack(qw.codes, spec.bits))
         m.scales.copy_(stored)
         if m.qzeros is not None:
