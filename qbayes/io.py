@@ -124,8 +124,14 @@ def read_metadata(path: str | Path) -> dict:
     return meta
 
 
-def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify: bool = True):
-    """Rebuild a model saved by :func:`save_quantized`. Returns ``(model, tokenizer or None)``."""
+def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify: bool = True,
+                   model: nn.Module | None = None):
+    """Rebuild a model saved by :func:`save_quantized`. Returns ``(model, tokenizer or None)``.
+
+    A transformers model is rebuilt from the recorded class and config. Any other model (a plain
+    ``nn.Module`` such as a CNN) needs ``model``: a float instance of the same architecture,
+    whose layers are swapped for the packed ones and whose tensors are overwritten in place.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -141,8 +147,14 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {wp}: {e}") from e
 
-    model = _build_model(meta)
+    if model is None:
+        model = _build_model(meta)
+    elif type(model).__name__ != meta.get("model_class"):
+        raise CheckpointError(f"{p} holds a {meta.get('model_class')}, not a {type(model).__name__}")
+    mods = dict(model.named_modules())
     for name, info in meta["layers"].items():
+        if name not in mods:
+            raise CheckpointError(f"{p}: the model has no layer {name!r} to hold the packed weights")
         spec = QuantSpec.from_dict(info)
         set_module(model, name, QuantLinear(info["in_features"], info["out_features"], spec, bias=info["bias"]))
     state = model.state_dict()
@@ -179,7 +191,10 @@ def _build_model(meta: dict) -> nn.Module:
 
     cfg_dict = meta.get("model_config")
     cls_name = meta.get("model_class")
-    if not cfg_dict or not cls_name or not hasattr(transformers, cls_name):
+    if not cfg_dict:
+        raise CheckpointError(f"the checkpoint holds a {cls_name}, which is not a transformers model: pass "
+                              "load_quantized(path, model=<a float instance of that architecture>)")
+    if not cls_name or not hasattr(transformers, cls_name):
         raise CheckpointError(f"checkpoint names an unknown model class {cls_name!r}")
     cfg_dict = {k: v for k, v in cfg_dict.items() if k != "quantization_config"}
     config = transformers.AutoConfig.for_model(**cfg_dict)

@@ -107,3 +107,25 @@ def test_packed_head_round_trip(tmp_path, calib_ids):
         assert torch.equal(loaded(input_ids=ids).logits, got)
     with pytest.raises(QBayesError, match="group size 48"):
         quantize_(tiny_llama(), QuantSpec(bits=4, group_size=32), method="rtn", head=QuantSpec(bits=8, group_size=48))
+
+
+def test_plain_cnn_quantizes_saves_and_reloads_into_a_skeleton(tmp_path):
+    """A model without a transformers config goes through the module adapter, and reloads into a
+    float instance of its architecture passed as ``model=``."""
+    from qbayes.errors import CheckpointError
+    from qbayes.models import fashion_cnn
+
+    torch.manual_seed(0)
+    cnn = fashion_cnn().eval()
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    quantize_(cnn, QuantSpec(4, 32), "gptq", x, batch_size=8, progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in cnn.modules()) == 2
+    with torch.no_grad():
+        want = cnn(x)
+    save_quantized(cnn, tmp_path / "cnn")
+    with pytest.raises(CheckpointError, match="model="):
+        load_quantized(tmp_path / "cnn")
+    torch.manual_seed(5)
+    loaded, _ = load_quantized(tmp_path / "cnn", model=fashion_cnn())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want)
