@@ -34,6 +34,19 @@ def test_rtn_per_channel(model_dir, tmp_path, capsys):
     assert "per-channel" in capsys.readouterr().out
 
 
+def test_nf4_format(model_dir, tmp_path, capsys):
+    from qbayes import load_quantized
+
+    rc = main(["quantize", "--model", str(model_dir), "--method", "rtn", "--format", "nf4", "--group-size", "32",
+               "--out", str(tmp_path / "n"), *ARGS])
+    assert rc == 0
+    model, _ = load_quantized(tmp_path / "n")
+    assert {v["format"] for v in model.qbayes_config["layers"].values()} == {"nf4"}
+    rc = main(["quantize", "--model", str(model_dir), "--format", "nf4", "--bits", "3", "--no-eval",
+               "--out", str(tmp_path / "m"), *ARGS])
+    assert rc == 2 and "4-bit codes" in capsys.readouterr().err
+
+
 def test_bad_group_size_is_a_clear_error(model_dir, tmp_path, capsys):
     rc = main(["quantize", "--model", str(model_dir), "--group-size", "48", "--no-eval", "--out", str(tmp_path / "x"),
                *ARGS])

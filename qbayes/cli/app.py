@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric codes (zero-point fixed)")
     sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric codes (default)")
     q.set_defaults(symmetric=False)
+    q.add_argument("--format", default="int", choices=["int", "nf4"],
+                   help="number format: int (integer affine codes, default) or nf4 (QLoRA's 4-bit NormalFloat, "
+                        "absmax scale per group, no zero-point; --bits 4)")
     q.add_argument("--head-bits", type=_bits, default=None,
                    help="also pack lm_head at these bits (symmetric, RTN, the same group size; default: keep it in float)")
     q.add_argument("--method", default="gptq", help="weight solver: rtn | gptq (default gptq)")

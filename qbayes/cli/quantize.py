@@ -16,7 +16,8 @@ def _quantize(args) -> int:
     from ..io import checkpoint_bytes
     from ..models import load_causal_lm
 
-    spec = QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, clip=args.clip)
+    spec = QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, clip=args.clip,
+                     format=args.format)
     model_path = _resolve_model(args.model)
     model, tok = load_causal_lm(model_path)
     from ..api import select_layers
@@ -51,7 +52,7 @@ def _quantize(args) -> int:
     if record is not None:
         model.qbayes_config["allocation"] = record
 
-    tag = f"mix{args.avg_bits:g}" if record is not None else f"w{args.bits}"
+    tag = f"mix{args.avg_bits:g}" if record is not None else (args.format if args.format != "int" else f"w{args.bits}")
     out = Path(args.out) if args.out else Path("qbayes-out") / (
         f"{Path(model_path).name}-{tag}{'pc' if args.group_size == -1 else f'g{args.group_size}'}-{args.method}")
     save_quantized(model, out, tokenizer=tok, extra={"source_model": str(model_path)})
