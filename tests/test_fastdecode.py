@@ -23,11 +23,11 @@ def _close(a, b, tol=1e-5):
 
 
 @pytest.mark.parametrize("cpu_ops", [False, True], ids=["torch-ops", "fused-cpu-ops"])
-@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("quantized", [False, "int", "nf4"])
 def test_prefill_steps_and_chunks_match_the_model(quantized, cpu_ops, calib_ids):
     model = tiny_llama(seed=3)
     if quantized:
-        quantize_(model, QuantSpec(bits=4, group_size=32), "gptq", calib_ids, progress=False)
+        quantize_(model, QuantSpec(bits=4, group_size=32, format=quantized), "gptq", calib_ids, progress=False)
     ids = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(5))
     dec = LlamaDecoder(model, max_len=32, use_cpu_ops=cpu_ops)
     assert (dec.ops is not None) == (cpu_ops and cpu_kernel.available())
