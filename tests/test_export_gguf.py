@@ -82,6 +82,7 @@ def _weights(reader) -> dict[str, np.ndarray]:
     (QuantSpec(bits=8, group_size=32, symmetric=True, clip="minmax"), "Q8_0", True),
     (QuantSpec(bits=3, group_size=32), "Q8_0", False),
     (QuantSpec(bits=4, group_size=64), "Q8_0", False),
+    (QuantSpec(bits=4, group_size=32, format="nf4"), "Q8_0", False),  # not affine: no ggml block holds it as it is
 ])
 def test_gguf_tensors_are_the_quantized_weights(tmp_path, spec, kind, exact):
     model, report, reader = _export(tmp_path, spec)
