@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import CalibrationError, QBayesError
 from .adapter import ModelAdapter, at_least_f32, register_adapter
+from .zoo import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +114,6 @@ class DecoderAdapter(ModelAdapter):
 
 def load_causal_lm(path_or_id: str, dtype: torch.dtype = torch.float32):
     """Load a Hugging Face causal LM and its tokenizer from a local folder (or a hub id)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(path_or_id)
-    except OSError as e:
-        raise QBayesError(f"cannot load model {path_or_id!r}: {e}") from e
-    model.eval()
+    model, tok = load_pretrained("AutoModelForCausalLM", path_or_id, dtype)
     model.config.use_cache = False
     return model, tok

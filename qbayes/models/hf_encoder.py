@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import CalibrationError, QBayesError
 from .adapter import ModelAdapter, at_least_f32, batch_rows, register_adapter
+from .zoo import load_pretrained
 
 # model_type -> candidate paths of the ModuleList of encoder blocks, relative to the base model
 # (transformers 5 keeps ViT's blocks in ``layers``; older releases in ``encoder.layer``)
@@ -123,11 +124,4 @@ class EncoderAdapter(ModelAdapter):
 
 def load_encoder(path_or_id: str, dtype: torch.dtype = torch.float32):
     """Load a Hugging Face encoder (``AutoModel``) and its tokenizer from a local folder or hub id."""
-    from transformers import AutoModel, AutoTokenizer
-
-    try:
-        model = AutoModel.from_pretrained(path_or_id, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(path_or_id)
-    except OSError as e:
-        raise QBayesError(f"cannot load encoder {path_or_id!r}: {e}") from e
-    return model.eval(), tok
+    return load_pretrained("AutoModel", path_or_id, dtype)

