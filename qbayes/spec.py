@@ -86,7 +86,7 @@ class QuantSpec:
         if self.group_size == PER_CHANNEL:
             return 1
         if self.group_size == PER_TENSOR:
-            raise QBayesError("per-tensor specs have one group for the whole matrix")
+            raise QBayesError("per-tensor specs have one group for the whole matrix: use n_groups only with per-channel or group specs")
         return in_features // self.group_size
 
     def to_dict(self) -> dict:

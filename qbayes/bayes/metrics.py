@@ -23,7 +23,7 @@ def _check(probs: torch.Tensor, labels: torch.Tensor) -> None:
     if probs.dim() != 2 or labels.dim() != 1 or probs.shape[0] != labels.shape[0]:
         raise QBayesError(f"expected probs (n, K) and labels (n,), got {tuple(probs.shape)} and {tuple(labels.shape)}")
     if probs.shape[0] == 0:
-        raise QBayesError("no predictions to score")
+        raise QBayesError("no predictions to score: pass at least one row of probabilities and its label")
 
 
 def nll(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-12) -> float:
@@ -76,7 +76,7 @@ def auroc(scores_neg: torch.Tensor, scores_pos: torch.Tensor) -> float:
     """P(score of a positive > score of a negative) + ½ P(tie), from average ranks."""
     a, b = scores_neg.double().flatten(), scores_pos.double().flatten()
     if a.numel() == 0 or b.numel() == 0:
-        raise QBayesError("AUROC needs at least one example of each kind")
+        raise QBayesError("AUROC needs at least one in-distribution and one out-of-distribution example")
     s = torch.cat([a, b])
     order = torch.argsort(s)
     ranks = torch.empty_like(s)

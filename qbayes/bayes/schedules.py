@@ -27,7 +27,7 @@ class Cyclical:
 
     def __post_init__(self):
         if self.n_cycles < 1 or self.total_steps < self.n_cycles:
-            raise QBayesError("need at least one step per cycle")
+            raise QBayesError("need at least one step per cycle: make total_steps >= n_cycles")
         if not 0 <= self.explore < 1:
             raise QBayesError("explore is a fraction in [0, 1)")
 

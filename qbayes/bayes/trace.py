@@ -20,7 +20,7 @@ class Trace:
     def __init__(self, burnin: int = 0, thin: int = 1, max_samples: int | None = None,
                  keep: Callable[[State], bool] | None = None, device: str | torch.device = "cpu"):
         if thin < 1:
-            raise QBayesError("thin must be at least 1")
+            raise QBayesError("thin must be at least 1 (keep every thin-th sample; 1 keeps them all)")
         self.burnin, self.thin, self.keep, self.device = burnin, thin, keep, device
         self.samples: deque[Params] = deque(maxlen=max_samples)
         self.weights: deque[float] = deque(maxlen=max_samples)
@@ -68,7 +68,7 @@ def predictive(model: nn.Module, samples: list[Params] | Trace, x: torch.Tensor,
         weights = samples.weight_tensor() if weights is None else weights
         samples = list(samples.samples)
     if not samples:
-        raise QBayesError("no samples to average over")
+        raise QBayesError("no samples to average over: record samples into the trace first (see Trace.keep)")
     link = link or (lambda z: torch.softmax(z, -1))
     w = weights if weights is not None else torch.full((len(samples),), 1 / len(samples), dtype=torch.float64)
     out = None

@@ -87,7 +87,7 @@ def _rows_in(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows ``(m, in)`` (im2col patches for a convolution)."""
     if isinstance(layer, nn.Conv2d):
         if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise QBayesError("collect: Conv2d with groups, non-zero padding modes or string padding is not supported")
+            raise QBayesError("collect: Conv2d with groups, non-zero padding modes or string padding is not supported; leave such layers out of `layers`")
         cols = nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.reshape(-1, x.shape[-1])

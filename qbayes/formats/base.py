@@ -152,6 +152,6 @@ class QuantizedWeight:
     def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
         """Split along the output dimension (undoes a row-wise concatenation of layers)."""
         if self.group_size == PER_TENSOR:
-            raise QBayesError("per-tensor quantized weights cannot be split by rows")
+            raise QBayesError("per-tensor quantized weights cannot be split by rows: quantize the layers separately or per channel/group")
         parts = zip(self.codes.split(sizes), self.scale.split(sizes), self.zero.split(sizes))
         return [QuantizedWeight(c, s, z, self.bits, self.group_size, self.symmetric, self.format) for c, s, z in parts]

@@ -48,9 +48,9 @@ def _check(qweight, scales, qzeros, bits, in_features, group_cols):
     if not 2 <= bits <= 8:
         raise QBayesError(f"unsupported bit-width {bits}")
     if in_features % group_cols or scales.shape[1] != in_features // group_cols:
-        raise QBayesError("scales do not match the group size")
+        raise QBayesError("scales do not match the group size: scales must be (out, in / group_size)")
     if not (qweight.is_contiguous() and scales.is_contiguous() and (qzeros is None or qzeros.is_contiguous())):
-        raise QBayesError("packed tensors must be contiguous")
+        raise QBayesError("packed tensors must be contiguous: call .contiguous() on qweight/scales/qzeros")
 
 
 @dataclass(frozen=True)
