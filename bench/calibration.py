@@ -18,20 +18,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from qbayes.bayes import sgmcmc, workflows as W
-from qbayes.bayes.base import model_log_posterior
-from qbayes.data import IMAGE_STATS, load_image_dataset
-from qbayes.models import fashion_cnn
-from qbayes.models.zoo import cache_dir
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, cpu_name, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+from qbayes.bayes import sgmcmc, workflows as W  # noqa: E402
+from qbayes.bayes.base import model_log_posterior  # noqa: E402
+from qbayes.data import IMAGE_STATS, load_image_dataset  # noqa: E402
+from qbayes.models import fashion_cnn  # noqa: E402
+from qbayes.models.zoo import cache_dir  # noqa: E402
+
+PROVENANCE = ("commit", "command", "date")
 MAP_EPOCHS = 15
 SETTINGS = {
     "map": {},
@@ -104,11 +107,7 @@ def load_map(x, y):
 
 
 def machine() -> str:
-    try:
-        name = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def main() -> None:
@@ -122,8 +121,11 @@ def main() -> None:
         res = json.loads((RESULTS / "calibration.json").read_text())
         res["speed"].update(speed(load_map(x, y)[0], x, y))
         res["protocol"]["machine"] = machine()
-        (RESULTS / "calibration.json").write_text(json.dumps(res, indent=1) + "\n")
-        (RESULTS / "calibration.md").write_text(markdown(res))
+        # the file's provenance becomes this command's; the rows keep the run that measured them
+        if "rows_provenance" not in res and "commit" in res:
+            res["rows_provenance"] = {k: res[k] for k in (*PROVENANCE, "provenance_note") if k in res}
+        res = {k: v for k, v in res.items() if k not in (*PROVENANCE, "provenance_note")}
+        write_results("calibration", res, markdown(res))
         print(markdown(res))
         return
     torch.manual_seed(0)
@@ -157,9 +159,7 @@ def main() -> None:
                         "settings": SETTINGS, "threads": 2, "ood": "MNIST test images", "ece_bins": 15,
                         "machine": machine(), "torch": torch.__version__},
            "rows": rows, "speed": timing}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "calibration.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / "calibration.md").write_text(markdown(res))
+    write_results("calibration", res, markdown(res))
     print(markdown(res))
 
 

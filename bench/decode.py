@@ -19,7 +19,6 @@ the last row packs lm_head too (quantize_(..., head=QuantSpec(8, 64, symmetric))
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import statistics
@@ -29,14 +28,16 @@ from pathlib import Path
 
 import torch
 
-from qbayes import QuantSpec, quantize_
-from qbayes.data import EVAL_TEXT, data_path, tokenize_file
-from qbayes.export.onnx_decode import export_onnx_decoder, ort_generate
-from qbayes.generate import generate
-from qbayes.kernels import cpu as cpu_kernel
-from qbayes.models import load_causal_lm, smollm2_135m
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+from qbayes import QuantSpec, quantize_  # noqa: E402
+from qbayes.data import EVAL_TEXT, data_path, tokenize_file  # noqa: E402
+from qbayes.export.onnx_decode import export_onnx_decoder, ort_generate  # noqa: E402
+from qbayes.generate import generate  # noqa: E402
+from qbayes.kernels import cpu as cpu_kernel  # noqa: E402
+from qbayes.models import load_causal_lm, smollm2_135m  # noqa: E402
+
 ENGINES = ("hf", "qbayes")
 
 
@@ -77,21 +78,18 @@ def main(rounds: int = 3, threads: int = 2) -> None:
                 print(f"{k} [{e}]: {tps:.2f} tokens/s", flush=True)
     finally:
         shutil.rmtree(onnx_dir, ignore_errors=True)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "cpu")
     med = {key: statistics.median(v) for key, v in speeds.items()}
     # there is no float ONNX export: ONNX Runtime rows compare with fp32 in the qbayes loop
     rows = [{"model": k, "engine": e, "tokens_per_s": med[k, e], "runs": v,
              "speedup_vs_fp32": med[k, e] / med["fp32", e if e in ENGINES else "qbayes"],
              "speedup_vs_fp32_hf": med[k, e] / med["fp32", "hf"]}
             for (k, e), v in speeds.items()]
-    res = {"machine": f"{cpu}, {os.cpu_count()} cores", "threads": threads, "torch": torch.__version__,
+    res = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "threads": threads, "torch": torch.__version__,
            "packed_kernel": cpu_kernel.available(), "rows": rows,
            "first_words": {f"{k} [{e}]": t[:80] for (k, e), t in texts.items()},
            "same_text_both_loops": {k: texts[k, "hf"] == texts[k, "qbayes"] for k in models},
            "onnxruntime_same_text_as_qbayes": {k: texts[k, "onnxruntime"] == texts[k, "qbayes"] for k in onnx_paths},
            "onnxruntime": __import__("onnxruntime").__version__}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "decode.json").write_text(json.dumps(res, indent=1) + "\n")
     lines = ["# Batch-1 decoding of SmolLM2-135M-Instruct (CPU)", "", __doc__.split("    python")[0].strip(), "",
              f"Machine: {res['machine']}; {threads} threads; torch {res['torch']}; packed kernel: {res['packed_kernel']}.", "",
              "| model | decode loop | tokens/s (median) | × fp32 (same loop) | × fp32 (hf loop) | runs |",
@@ -104,7 +102,7 @@ def main(rounds: int = 3, threads: int = 2) -> None:
               f"ONNX Runtime {res['onnxruntime']} against qbayes: "
               + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in res["onnxruntime_same_text_as_qbayes"].items())
               + "."]
-    (RESULTS / "decode.md").write_text("\n".join(lines) + "\n")
+    write_results("decode", res, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
 SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, tie_word_embeddings=True),
@@ -76,15 +77,13 @@ def main() -> None:
            "rows": [{"run": k, "tokens_per_s": med[k], "runs": speeds[k],
                      "speedup_vs_bf16_hf": med[k] / med["bf16 [hf]"]} for k in runs],
            "bf16_same_tokens_both_loops": texts["bf16 [hf]"] == texts["bf16 [qbayes]"]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "decode_gpu.json").write_text(json.dumps(res, indent=1) + "\n")
     lines = [f"# Batch-1 decoding on {res['device']} ({args.shape} shape, random weights)", "",
              __doc__.split("    python")[0].strip(), "", f"torch {res['torch']}.", "",
              "| run | tokens/s (median) | × bf16 HF loop | runs |", "|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_bf16_hf']:.2f} | "
               + ", ".join(f"{v:.1f}" for v in r["runs"]) + " |" for r in res["rows"]]
     lines += ["", f"bf16 tokens identical in both loops: {res['bf16_same_tokens_both_loops']}."]
-    (RESULTS / "decode_gpu.md").write_text("\n".join(lines) + "\n")
+    write_results("decode_gpu", res, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

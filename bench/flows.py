@@ -26,17 +26,19 @@ import argparse
 import json
 import math
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from qbayes.bayes import energies, flows
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from qbayes.bayes import energies, flows  # noqa: E402
+
 ENERGY_NAMES, KINDS, LAYERS = ("U1", "U2", "U3", "U4"), ("planar", "radial"), (2, 8, 32)
 STEPS, LR, N_SAMPLES, EVAL_SAMPLES = 10_000, 1e-2, 100, 100_000
 BOX, WALL, QUAD_LIM, QUAD_N = 4.0, 0.05, 4.5, 1126
@@ -67,16 +69,7 @@ def fit(name: str, kind: str, K: int, steps: int, eval_samples: int) -> dict:
 
 
 def machine(threads: int) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "load_avg_at_start": os.getloadavg()[0]}
+    return {**common.machine(threads), "load_avg_at_start": os.getloadavg()[0]}
 
 
 def acceptance(rows: list[dict]) -> dict:
@@ -177,9 +170,7 @@ def main() -> None:
     }
     res["acceptance"] = acceptance(rows)
     res["total_s"] = time.perf_counter() - t_start
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "flows.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / "flows.md").write_text(markdown(res))
+    write_results("flows", res, markdown(res))
     print(markdown(res))
 
 

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llm_ptq import GPTQ_OPTIONS, machine  # noqa: E402
+from common import RESULTS, machine, write_results  # noqa: E402
+from llm_ptq import GPTQ_OPTIONS  # noqa: E402
 
 from qbayes import QuantSpec, load_quantized, quantize_, save_quantized  # noqa: E402
 from qbayes.data import CALIB_TEXT, EVAL_TEXT, calibration_windows, data_path, eval_windows, tokenize_file  # noqa: E402
@@ -40,7 +41,6 @@ from qbayes.export.gguf import export_gguf  # noqa: E402
 from qbayes.models import load_causal_lm, smollm2_135m  # noqa: E402
 from qbayes.models.zoo import SMOLLM2_GGUF, cache_dir  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 ROWS = [  # (label, method, spec)
     ("GPTQ W4 g32 asym -> Q4_1", "gptq", QuantSpec(bits=4, group_size=32, symmetric=False, clip="mse")),
     ("RTN W4 g32 sym -> Q4_0", "rtn", QuantSpec(bits=4, group_size=32, symmetric=True, clip="mse")),
@@ -104,9 +104,7 @@ def main(threads: int = 2) -> None:
     res = {"machine": machine(), "threads": threads, "torch": torch.__version__,
            "llama_cpp_python": llama_cpp.__version__, "python": platform.python_version(),
            "protocol": __doc__.split("    pip")[0].strip(), "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gguf.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / "gguf.md").write_text(markdown(res))
+    write_results("gguf", res, markdown(res))
     print(markdown(res))
 
 

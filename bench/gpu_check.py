@@ -5,7 +5,10 @@
    checkpoint cannot travel to the GPU machine) with the calibration shape of the protocol
    (64 windows of 512 tokens), W4 g64 asymmetric, act-order; save/load round trip on the GPU.
 
-Writes a JSON summary to the path given (default bench/results/gpu_check.json).
+Writes a JSON summary, stamped with the commit and command, to the path given (default
+bench/results/gpu_check.json).
+
+    python bench/gpu_check.py          # writes bench/results/gpu_check.json
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, provenance, write_results  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -49,10 +55,14 @@ def main(out: str) -> None:
         with torch.no_grad():
             b = loaded(input_ids=x).logits
     res["reload_logits_identical"] = bool(torch.equal(a, b))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(res, indent=1) + "\n")
+    if Path(out).resolve() == (RESULTS / "gpu_check.json").resolve():
+        res = json.loads(write_results("gpu_check", res).read_text())
+    else:
+        res = {**provenance(), **res}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "bench/results/gpu_check.json")
+    main(sys.argv[1] if len(sys.argv) > 1 else str(RESULTS / "gpu_check.json"))

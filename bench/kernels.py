@@ -16,15 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 from pathlib import Path
 
 import torch
 
-from qbayes.kernels import cpu as cpu_kernel
-from qbayes.benchmarks.kernels_cpu import BIG, SMOL, run, table
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, cpu_name, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+from qbayes.kernels import cpu as cpu_kernel  # noqa: E402
+from qbayes.benchmarks.kernels_cpu import BIG, SMOL, run, table  # noqa: E402
+
+
 def markdown(res: dict) -> str:
     return "\n".join(["# Packed low-bit linear layers vs fp32 (CPU)", "", __doc__.split("    python")[0].strip(), "",
                       f"Machine: {res['machine']}; {res['threads']} threads; torch {res['torch']}; "
@@ -46,18 +49,15 @@ def main() -> None:
         ort_v = onnxruntime.__version__
     except ImportError:
         ort_v = "not installed"
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.machine())
-    res = {"machine": f"{cpu}, {os.cpu_count()} cores", "threads": args.threads, "torch": torch.__version__, "ort": ort_v,
+    res = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "threads": args.threads, "torch": torch.__version__, "ort": ort_v,
            "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     old = RESULTS / "kernels.json"
-    if old.exists():  # keep the GPU rows (bench/kernels_gpu.py), measured elsewhere
+    if old.exists():  # keep the GPU rows (bench/kernels_gpu.py), measured elsewhere; "cuda" holds their provenance
         prev = json.loads(old.read_text())
         res["rows"] += [r for r in prev.get("rows", []) if r.get("device") == "cuda"]
         if "cuda" in prev:
             res["cuda"] = prev["cuda"]
-    (RESULTS / "kernels.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / "kernels.md").write_text(markdown(res))
+    write_results("kernels", res, markdown(res))
     print(markdown(res))
 
 

@@ -29,7 +29,10 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_results  # noqa: E402
+
+PROVENANCE = ("commit", "command", "date")
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 
 
@@ -53,14 +56,6 @@ def main() -> None:
     p = torch.cuda.get_device_properties(0)
     res = {"device": torch.cuda.get_device_name(0), "multiprocessors": p.multi_processor_count,
            "torch": torch.__version__, "triton": __import__("triton").__version__, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "kernels_gpu.json").write_text(json.dumps(res, indent=1) + "\n")
-    kj = RESULTS / "kernels.json"
-    if kj.exists():  # the one table: the cuda rows beside the cpu ones
-        d = json.loads(kj.read_text())
-        d["rows"] = [r for r in d["rows"] if r.get("device") != "cuda"] + rows
-        d["cuda"] = {k: v for k, v in res.items() if k != "rows"}
-        kj.write_text(json.dumps(d, indent=1) + "\n")
     lines = ["# Packed low-bit linear layers vs bf16 (GPU, Triton)", "", __doc__.split("    python")[0].strip(), "",
              f"Device: {res['device']} ({res['multiprocessors']} SMs); torch {res['torch']}; Triton {res['triton']}.",
              "", table_cuda(rows), "",
@@ -70,7 +65,15 @@ def main() -> None:
     for r in rows:
         for kind, (cfg, us) in (r.get("tuner_best_by_kernel_us") or {}).items():
             lines.append(f"| {r['K']} | {r['N']} | {r['bits']} | {r['batch']} | {kind} | {cfg} | {us} |")
-    (RESULTS / "kernels_gpu.md").write_text("\n".join(lines) + "\n")
+    written = json.loads(write_results("kernels_gpu", res, "\n".join(lines) + "\n").read_text())
+    kj = RESULTS / "kernels.json"
+    if kj.exists():  # the one table: the cuda rows beside the cpu ones
+        d = json.loads(kj.read_text())
+        d["rows"] = [r for r in d["rows"] if r.get("device") != "cuda"] + rows
+        # "cuda" carries this GPU run's commit and command; the file's own stay those of the CPU run
+        d["cuda"] = {k: v for k, v in written.items() if k != "rows"}
+        kept = {k: d[k] for k in PROVENANCE if k in d} or {"commit": "unknown", "command": "unknown"}
+        write_results("kernels", d, provenance_of=kept)
 
 
 if __name__ == "__main__":

@@ -20,26 +20,33 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from qbayes import QuantSpec, quantize_
-from qbayes.data import CALIB_TEXT, EVAL_TEXT, calibration_windows, data_path, eval_windows, tokenize_file
-from qbayes.eval import perplexity
-from qbayes.mixed.plan import mixed_specs, size_summary
-from qbayes.mixed.sensitivity import CRITERIA, SensitivityTable, sensitivity
-from qbayes.models import load_causal_lm, smollm2_135m
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, cpu_name, provenance, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+from qbayes import QuantSpec, quantize_  # noqa: E402
+from qbayes.data import CALIB_TEXT, EVAL_TEXT, calibration_windows, data_path, eval_windows, tokenize_file  # noqa: E402
+from qbayes.eval import perplexity  # noqa: E402
+from qbayes.mixed.plan import mixed_specs, size_summary  # noqa: E402
+from qbayes.mixed.sensitivity import CRITERIA, SensitivityTable, sensitivity  # noqa: E402
+from qbayes.models import load_causal_lm, smollm2_135m  # noqa: E402
+
 SENS = RESULTS / "mixed_sensitivity.json"
 STATE = RESULTS / "mixed_state.json"
 SPEC = QuantSpec(bits=4, group_size=64)
 BUDGETS = (3.5, 3.0, 4.0)
 PREDICTORS = [c for c in CRITERIA if c != "measured"]
+
+
+def save_table(table: SensitivityTable) -> None:
+    """The per-layer sensitivity table, stamped with the commit and command like every result
+    (``SensitivityTable.load`` ignores the extra keys)."""
+    write_results(SENS.stem, table.to_dict())
 
 
 def log(msg: str) -> None:
@@ -75,7 +82,7 @@ def main() -> None:
         table = sensitivity(model0, sens_set, criteria=PREDICTORS, spec=SPEC, bits=(2, 3, 4, 8),
                             hutchinson_samples=16, pqi_nodes=4)
         table.info["predictors_s"] = time.perf_counter() - t0
-        table.save(SENS)
+        save_table(table)
         log(f"predictors done in {table.info['predictors_s']:.0f} s: {table.info['seconds']}")
     state = json.loads(STATE.read_text()) if STATE.exists() else {}
     uniform = [("uniform", "gptq", float(b), {n: b for n in table.layers}) for b in (3, 4)]
@@ -110,7 +117,7 @@ def measure(table: SensitivityTable, model0, sens_set, chunk: int = 14) -> None:
         done.update(meas)
         table.info.setdefault("seconds", {})["measured_s"] = table.info["seconds"].get("measured_s", 0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        table.save(SENS)
+        save_table(table)
         log(f"measured {len(done)}/{len(table.layers)} layers")
 
 
@@ -140,11 +147,12 @@ def write(table: SensitivityTable, configs, state) -> None:
         rows.append({"criterion": crit, "method": method, "avg_bits": r["code_bits_per_weight"], "budget": budget,
                      "overhead_bits": r["overhead_bits_per_weight"], "ppl": r["ppl"], "quantize_s": r["quantize_s"],
                      "bits_histogram": {str(b): sum(1 for v in bits.values() if v == b) for b in table.bits}})
-    machine = f"{platform.processor() or platform.machine()}, 2 threads, torch {torch.__version__}"
+    machine = f"{cpu_name()}, 2 threads, torch {torch.__version__}"
     res = {"protocol": {"doc": __doc__.split("    python")[0].strip(), "machine": machine,
                         "sensitivity_seconds": table.info.get("seconds"), "spec": table.spec},
            "correlation": corr, "rows": [r for r in rows if r["method"] == "gptq"], "rtn_rows": [r for r in rows if r["method"] == "rtn"]}
-    (RESULTS / "mixed.json").write_text(json.dumps(res, indent=1) + "\n")
+    prov = provenance()
+    write_results("mixed", res, provenance_of=prov)  # the numbers first, in case a plot fails
     plot_pareto(rows, RESULTS / "mixed_pareto.png")
     at35 = [r for r in rows if r["method"] == "gptq" and r["budget"] == 3.5 and r["criterion"] in PREDICTORS]
     best = min(at35, key=lambda r: r["ppl"])["criterion"] if at35 else PREDICTORS[0]  # best perplexity at 3.5 bits
@@ -153,12 +161,13 @@ def write(table: SensitivityTable, configs, state) -> None:
                                  {c: v for c, v in table.scores.items() if c != "measured"}, table.info)
     plot_sensitivity(table, RESULTS / "mixed_sensitivity.png", criterion=best, bits=3,
                      allocation=next((b for c, m, bud, b in configs if c == best and bud == 3.5), None))
-    (RESULTS / "mixed.md").write_text(markdown(res))
+    write_results("mixed", res, markdown({**prov, **res}), provenance_of=prov)
 
 
 def markdown(res: dict) -> str:
     L = ["# Mixed-precision bit allocation: SmolLM2-135M-Instruct", "", res["protocol"]["doc"], "",
          f"Machine: {res['protocol']['machine']}. Sensitivity pass timings (s): {res['protocol']['sensitivity_seconds']}.", "",
+         f"Commit {res.get('commit', '?')}; command `{res.get('command', '?')}`; {res.get('date', '')}.", "",
          "## Predicted vs measured per-layer loss increase (Spearman over 210 layers)", "",
          "| criterion | 3 bits | 2 bits |", "|---|---|---|"]
     by = {(c["criterion"], c["bits"]): c["spearman"] for c in res["correlation"]}

@@ -22,6 +22,8 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -124,10 +126,8 @@ def main():
                      "dram_us_4096x14336": round(weight_bytes / (BW_TBS * 1e6), 2),
                      "loads_per_step": st["loads"], "async_copies": st["async_copies"], "ops": st["ops"]})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "ops"}), flush=True)
-    out = Path(__file__).parent / "results"
     meta = {"target": "sm_90 (H100/H200)", "triton": triton.__version__, "sms": SMS, "clock_ghz": CLOCK_GHZ,
             "dram_tb_s": BW_TBS, "shape": [K, N], "group_size": 64}
-    (out / "sass_gemv.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = ["| kernel | bits | BLOCK_N | words (v2: per step; gemvg: per group, stepped ≤ 16 at a time) | warps | stages (gemvg: groups per step) | regs | loop instr | codes/step | "
              "instr/code | issue µs | DRAM µs |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -144,7 +144,7 @@ def main():
             f"and zero-points at {BW_TBS} TB/s. Both are floors: the first GPU version (v1) counted 35.6 µs "
             "this way and measured 82.6 µs (its loop had barriers and shuffles, which this does not model). "
             "bf16 cuBLAS measured 30.1 µs on the same shape; the issue asks the 4-bit kernel for ≥ 3× that.", ""]
-    (out / "sass_gemv.md").write_text("\n".join(head + lines) + "\n")
+    write_results("sass_gemv", {"meta": meta, "rows": rows}, "\n".join(head + lines) + "\n")
     print("\n".join(lines))
 
 

@@ -13,18 +13,19 @@ step after burn-in; cyclical SGLD collects in the sampling half of each cycle.
 """
 from __future__ import annotations
 
-import json
 import math
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from qbayes.bayes import schedules, sgmcmc
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+from qbayes.bayes import schedules, sgmcmc  # noqa: E402
+
 CENTRES = torch.tensor([[2.0 * i, 2.0 * j] for i in range(-2, 3) for j in range(-2, 3)], dtype=torch.float64)
 VAR = 0.03
 PROTOCOL = {"steps": 50_000, "burnin": 1_000, "sgld_lr": 0.005, "csgld_lr0": 0.09, "cycles": 30, "explore": 0.8,
@@ -72,10 +73,8 @@ def main() -> None:
                         "var_per_dim_mean": statistics.mean((x["var_x"] + x["var_y"]) / 2 for x in r),
                         "steps_per_s": statistics.median(PROTOCOL["steps"] / x["seconds"] for x in r)})
     res = {"protocol": {**PROTOCOL, "true_var_per_dim": 8.03, "modes": 25, "threads": 1,
-                        "machine": platform.processor() or platform.machine(), "torch": torch.__version__},
+                        "machine": cpu_name(), "torch": torch.__version__},
            "summary": summary, "runs": runs}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sgmcmc_mixture.json").write_text(json.dumps(res, indent=1) + "\n")
     lines = ["# SGLD vs cyclical SGLD on the 25-Gaussian mixture", "",
              f"Protocol: {PROTOCOL['steps']} steps with exact gradients from (0, 0), seeds {PROTOCOL['seeds']}; "
              f"SGLD lr {PROTOCOL['sgld_lr']} (burn-in {PROTOCOL['burnin']}); cyclical SGLD lr0 {PROTOCOL['csgld_lr0']}, "
@@ -86,7 +85,7 @@ def main() -> None:
     for s in summary:
         lines.append(f"| {s['method']} | {s['modes_visited']} | {s['modes_visited_median']} | "
                      f"{s['var_per_dim_mean']:.2f} | {s['steps_per_s']:.0f} |")
-    (RESULTS / "sgmcmc_mixture.md").write_text("\n".join(lines) + "\n")
+    write_results("sgmcmc_mixture", res, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
