@@ -19,9 +19,16 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def git_commit() -> str:
-    """HEAD's commit, with ``+dirty`` when code under ``qbayes/`` or ``bench/`` (results aside) is uncommitted."""
+    """HEAD's commit, with ``+dirty`` when code under ``qbayes/`` or ``bench/`` (results aside) is
+    uncommitted; ``$QBAYES_COMMIT`` where the tree travelled without git (a lent GPU machine)."""
+    if os.environ.get("QBAYES_COMMIT"):
+        return os.environ["QBAYES_COMMIT"]
+
     def git(*a):
-        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
+        try:
+            return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git on this machine
+            return ""
 
     sha = git("rev-parse", "HEAD") or "unknown"
     dirty = [ln for ln in git("status", "--porcelain", "--", "qbayes", "bench").splitlines()
@@ -63,7 +70,7 @@ def write_results(name: str, res: dict, markdown: str | None = None, provenance_
     and, if given, ``<name>.md``. ``provenance_of`` keeps the provenance of a result that was
     only re-rendered."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    prov = provenance_of or provenance()
+    prov = provenance_of if provenance_of is not None else provenance()
     out = {**prov, **{k: v for k, v in res.items() if k not in prov}}
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")

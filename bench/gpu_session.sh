@@ -8,7 +8,12 @@
 #   5. Nsight Compute on the tuned batch-1 kernel (bench/ncu_gemvg.py), when ncu is there.
 # SKIP_E2E=1 / SKIP_DECODE=1 / SKIP_NCU=1 leave steps out. The device returns at most 8 files:
 # the tables come back as they are, everything else in $OUT/gpu_logs.tgz.
+# The working tree travels without .git: pass the commit it is, for the results' provenance:
+#   QBAYES_COMMIT=$(git rev-parse HEAD) ... (typed here, expanded on this side) bash bench/gpu_session.sh
 set -u
+if [ -z "${QBAYES_COMMIT:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
+  echo "warning: no git here and QBAYES_COMMIT unset: results will record commit 'unknown'" >&2
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 OUT="${OUT:-/tmp/qbayes-gpu}"; mkdir -p "$OUT"
 L=$(mktemp -d)
