@@ -6,7 +6,8 @@ path QuantLinear picks at that batch: the packed CPU kernel for up to 8 rows, de
 tiles times the BLAS GEMM for more), torch.nn.functional.linear with the fp32 weight, and ONNX Runtime's MatMulNBits on
 the same packed codes and scales are timed in interleaved rounds (each round times a loop long
 enough to last >= 30 ms and records the per-call time); reported: the median over rounds.
-Same process, same threads for torch and ONNX Runtime.
+Same process, same threads for torch and ONNX Runtime. 3-bit codes (which straddle bytes) have their
+own kernel loop; ONNX Runtime's MatMulNBits has no 3-bit form.
 
     python bench/kernels.py            # writes bench/results/kernels.{json,md}
     python bench/kernels.py --quick    # SmolLM2 shapes only, printed
@@ -38,10 +39,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only; print, do not write results")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bits", default="3,4,8", help="comma-separated bit-widths (default 3,4,8)")
     args = ap.parse_args()
     if not cpu_kernel.available():
         print("warning: the packed CPU kernel is unavailable here; timing the reference path")
-    rows = run(SMOL if args.quick else BIG + SMOL, threads=args.threads)
+    bits = tuple(int(b) for b in args.bits.split(","))
+    rows = run(SMOL if args.quick else BIG + SMOL, bits_list=bits, threads=args.threads)
     if args.quick:
         return
     try:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT  # noqa: E402
 from readme_bayes import calibration, flows, sgmcmc, uci  # noqa: E402
 from readme_llm import encoder, gguf, gpu_check, llm_ptq, llm_ptq_timing, mixed_budget, mixed_spearman  # noqa: E402
-from readme_speed import decode, kernels, kernels_gpu, kernels_smollm2  # noqa: E402
+from readme_speed import decode, kernels, kernels_3bit, kernels_gpu, kernels_smollm2  # noqa: E402
 
 README = ROOT / "README.md"
 MARKER = re.compile(r"<!-- results:(?P<name>[\w-]+) -->\n(?P<body>.*?)\n?<!-- /results:(?P=name) -->", re.S)
@@ -53,6 +53,7 @@ BLOCKS: dict[str, Block] = {
     "mixed_spearman": Block(("mixed", "mixed_sensitivity"), mixed_spearman),
     "kernels": Block(("kernels",), kernels),
     "kernels_smollm2": Block(("kernels",), kernels_smollm2),
+    "kernels_3bit": Block(("kernels",), kernels_3bit),
     "decode": Block(("decode",), decode),
     "kernels_gpu": Block(("kernels_gpu", "sass_gemv"), kernels_gpu),
     "gguf": Block(("gguf", "llm_ptq"), gguf),

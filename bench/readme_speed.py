@@ -53,6 +53,19 @@ def kernels_smollm2(res: dict) -> str:
                 f"{' and '.join(map(str, many))}, where dequantizing costs as much as the small fp32 GEMM.")
 
 
+def kernels_3bit(res: dict) -> str:
+    """The 3-bit kernel against 4-bit codes, at batch 1 on the large shapes of the same run."""
+    big = [r for r in _cpu_rows(res) if max(r["K"], r["N"]) >= 4096 and r["batch"] == 1]
+    three, four = [r["speedup_vs_fp32"] for r in big if r["bits"] == 3], [r["speedup_vs_fp32"] for r in big if r["bits"] == 4]
+    if not three:
+        return para("3-bit codes, which straddle bytes, have their own decode loop; no results file records "
+                    "its speed yet (`python bench/kernels.py --bits 3,4,8`).")
+    return para("3-bit codes, which straddle bytes, have their own decode loop (blocks of 64 codes: one byte shuffle "
+                "puts each 24-bit octet in a lane, immediate shifts peel the codes off, and x is permuted once per "
+                f"call to meet them): {rng(three)}× fp32 at batch 1 on the large shapes, against {rng(four)}× for "
+                "4-bit codes in the same run.")
+
+
 DECODE_ORT = {"W4 g64": "MatMulNBits", "W8 g64": "DequantizeLinear + MatMul"}
 
 
