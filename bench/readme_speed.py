@@ -7,7 +7,7 @@ import statistics
 from readme_text import all_passed, para, rng
 
 
-# ----- CPU kernels and decoding (bench/kernels.py, bench/decode.py) ----------------------------
+# ----- CPU kernels and decoding (bench/kernels_cpu.py, bench/decode.py) ----------------------------
 
 def _machine_str(s: str) -> tuple[str, int]:
     """('AMD EPYC', 2) from 'AMD EPYC, 2 cores'."""
@@ -59,7 +59,7 @@ def kernels_3bit(res: dict) -> str:
     three, four = [r["speedup_vs_fp32"] for r in big if r["bits"] == 3], [r["speedup_vs_fp32"] for r in big if r["bits"] == 4]
     if not three:
         return para("3-bit codes, which straddle bytes, have their own decode loop; no results file records "
-                    "its speed yet (`python bench/kernels.py --bits 3,4,8`).")
+                    "its speed yet (`python bench/kernels_cpu.py --bits 3,4,8`).")
     return para("3-bit codes, which straddle bytes, have their own decode loop (blocks of 64 codes: one byte shuffle "
                 "puts each 24-bit octet in a lane, immediate shifts peel the codes off, and x is permuted once per "
                 f"call to meet them): {rng(three)}× fp32 at batch 1 on the large shapes, against {rng(four)}× for "

@@ -112,3 +112,17 @@ def test_no_import_cycle_between_modules():
 def test_no_file_over_400_lines():
     long = {str(f.relative_to(ROOT)): n for f, _, _ in _modules() if (n := len(f.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_no_bench_script_shadows_an_installed_package():
+    """``python bench/x.py`` puts bench/ first on sys.path, so a script named like a package a
+    dependency imports replaces it (bench/kernels.py once hid Hugging Face's ``kernels`` package
+    and broke the GGUF conversion on a fresh cache)."""
+    import subprocess
+    import sys
+
+    stems = sorted(p.stem for p in (ROOT.parent / "bench").glob("*.py"))
+    code = ("import importlib.util, sys\n"
+            f"print([s for s in {stems!r} if importlib.util.find_spec(s) is not None])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
+    assert r.stdout.strip() == "[]", f"bench scripts named like installed modules: {r.stdout.strip()}"

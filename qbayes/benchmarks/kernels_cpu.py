@@ -1,5 +1,5 @@
 """Timing of packed low-bit linear layers against fp32 (and ONNX Runtime's MatMulNBits on the
-same packed codes), shared by ``qbayes bench-kernels`` and ``bench/kernels.py``.
+same packed codes), shared by ``qbayes bench-kernels`` and ``bench/kernels_cpu.py``.
 
 Each contender is timed in interleaved rounds (a round times a loop long enough to last >= 30 ms
 and records the per-call time); the median over rounds is reported.

@@ -24,7 +24,7 @@ from ..kernels import linear
 from ..spec import QuantSpec
 from ..errors import QBayesError
 
-# rows of activations up to which the packed CPU kernel beats dequantized tiles x GEMM (bench/kernels.py)
+# rows of activations up to which the packed CPU kernel beats dequantized tiles x GEMM (bench/kernels_cpu.py)
 CPU_KERNEL_MAX_ROWS = 8
 # rows up to which the fused Triton kernel is used on a GPU; more rows: Triton dequantize + cuBLAS
 GPU_KERNEL_MAX_ROWS = 16

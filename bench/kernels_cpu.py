@@ -9,8 +9,8 @@ enough to last >= 30 ms and records the per-call time); reported: the median ove
 Same process, same threads for torch and ONNX Runtime. 3-bit codes (which straddle bytes) have their
 own kernel loop; ONNX Runtime's MatMulNBits has no 3-bit form.
 
-    python bench/kernels.py            # writes bench/results/kernels.{json,md}
-    python bench/kernels.py --quick    # SmolLM2 shapes only, printed
+    python bench/kernels_cpu.py            # writes bench/results/kernels.{json,md}
+    python bench/kernels_cpu.py --quick    # SmolLM2 shapes only, printed
 """
 from __future__ import annotations
 
