@@ -13,6 +13,11 @@ import os
 import sys
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no cross-process build lock
+    fcntl = None
+
 import torch
 
 from ..paths import cache_dir
@@ -42,6 +47,28 @@ def _announce(build: Path, name: str, what: str) -> None:
               flush=True)
 
 
+def _build(name: str, source: Path, kind: str, what: str, **flags):
+    """Build (or load the cached build of) one extension under ``$QBAYES_CACHE/torch_extensions``.
+
+    torch guards a build folder with a ``lock`` file that a killed build leaves behind, and every
+    later process then waits on it forever. qbayes builds under an ``flock`` instead (released by
+    the kernel when its holder dies), and whoever holds it removes a leftover torch ``lock``: while
+    the flock is held no other qbayes process is building there, so such a file is stale."""
+    from torch.utils.cpp_extension import load
+
+    build = cache_dir() / "torch_extensions" / f"{kind}_{torch.__version__.replace('+', '_')}"
+    build.mkdir(parents=True, exist_ok=True)
+    _announce(build, name, what)
+    with open(build / "qbayes-build.flock", "w") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            stale = build / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a build that was killed", stale)
+                stale.unlink(missing_ok=True)
+        return load(name=name, sources=[str(source)], build_directory=str(build), verbose=False, **flags)
+
+
 @functools.lru_cache(maxsize=1)
 def _module():
     if os.environ.get("QBAYES_KERNEL", "").lower() == "reference":
@@ -49,15 +76,9 @@ def _module():
     if not {"avx2", "fma", "f16c"} <= _cpu_flags():
         log.info("CPU lacks AVX2/FMA/F16C: packed-weight kernel disabled, using the reference path")
         return None
-    from torch.utils.cpp_extension import load
-
-    build = cache_dir() / "torch_extensions" / f"qgemm_cpu_{torch.__version__.replace('+', '_')}"
-    build.mkdir(parents=True, exist_ok=True)
-    _announce(build, "qbayes_qgemm_cpu", "packed-weight kernels")
     try:
-        return load(name="qbayes_qgemm_cpu", sources=[str(SOURCE)], build_directory=str(build),
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                    verbose=False)
+        return _build("qbayes_qgemm_cpu", SOURCE, "qgemm_cpu", "packed-weight kernels",
+                      extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, ...: the reference path still works
         log.warning("could not build the CPU packed-weight kernel (%s); using the reference path", e)
         return None
@@ -74,19 +95,13 @@ def decode_ops():
     built (callers then use torch ops)."""
     if os.environ.get("QBAYES_KERNEL", "").lower() == "reference":
         return None
-    from torch.utils.cpp_extension import load
-
     # reassociation lets the compiler vectorize the dot products and sums (no finite-math assumption:
     # the softmax starts from -inf)
     flags = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
     if {"avx2", "fma"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma"]
-    build = cache_dir() / "torch_extensions" / f"decode_cpu_{torch.__version__.replace('+', '_')}"
-    build.mkdir(parents=True, exist_ok=True)
-    _announce(build, "qbayes_decode_cpu", "decode-step ops")
     try:
-        return load(name="qbayes_decode_cpu", sources=[str(DECODE_SOURCE)], build_directory=str(build),
-                    extra_cflags=flags, verbose=False)
+        return _build("qbayes_decode_cpu", DECODE_SOURCE, "decode_cpu", "decode-step ops", extra_cflags=flags)
     except Exception as e:
         log.warning("could not build the CPU decode ops (%s); using torch ops", e)
         return None
