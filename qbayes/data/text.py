@@ -1,4 +1,4 @@
-"""Token windows from text files (the evaluation protocol of the project).
+"""Token windows and sentences from text files (the evaluation protocol of the project).
 
 The data folder is ``$QBAYES_DATA``, defaulting to ``../shared/data`` beside the checkout
 (resolved from the current directory, then from this package's location).
@@ -64,3 +64,33 @@ def calibration_windows(ids: torch.Tensor, seqlen: int = 512, n: int = 64, seed:
     g = torch.Generator().manual_seed(seed)
     offs = torch.randint(0, N - seqlen + 1, (n,), generator=g)
     return torch.stack([ids[o: o + seqlen] for o in offs.tolist()])
+
+
+def sentence_lines(path: str | Path, min_words: int = 8) -> list[str]:
+    """The lines of a text file that are sentences: non-empty, not a WikiText heading
+    (`` = Title = ``, `` = = Section = = ``) and at least ``min_words`` words long; stripped."""
+    p = Path(path)
+    if not p.exists():
+        raise QBayesError(f"text file {p} not found")
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        s = line.strip()
+        if s and not (s.startswith("=") and s.endswith("=")) and len(s.split()) >= min_words:
+            out.append(s)
+    if not out:
+        raise CalibrationError(f"{p} has no line of at least {min_words} words")
+    return out
+
+
+def encoder_windows(ids: torch.Tensor, tokenizer, seqlen: int = 128, n: int = 128, seed: int = 0) -> dict:
+    """Unpadded calibration batches for a BERT-style encoder: :func:`calibration_windows` of
+    ``seqlen - 2`` content tokens, each framed by the tokenizer's ``[CLS]`` / ``[SEP]``, with a full
+    attention mask (no padding, so no padded position enters the input statistics)."""
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls is None or sep is None:
+        raise QBayesError("encoder_windows needs a tokenizer with [CLS] and [SEP] tokens (a BERT-style encoder)")
+    body = calibration_windows(ids, seqlen - 2, n, seed)
+    col = torch.ones(n, 1, dtype=body.dtype)
+    input_ids = torch.cat([col * cls, body, col * sep], 1)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "token_type_ids": torch.zeros_like(input_ids)}

@@ -1,4 +1,5 @@
 """Evaluation metrics."""
+from .embedding import cosine_to_reference, mean_pool, sentence_embeddings
 from .perplexity import perplexity
 
-__all__ = ["perplexity"]
+__all__ = ["cosine_to_reference", "mean_pool", "perplexity", "sentence_embeddings"]

