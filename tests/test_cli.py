@@ -1,4 +1,5 @@
 """The command line on a tiny model folder with its own small tokenizer."""
+import argparse
 import re
 
 import pytest
@@ -183,3 +184,13 @@ def test_export_gguf_command(model_dir, tmp_path, capsys):
     assert main(["export", str(tmp_path / "q3"), "--to", "gguf", "--fallback", "f16", "--out", str(tmp_path / "x.gguf")]) == 0
     assert "converted 14 layers to F16 (W3 group-32 asym has no ggml block type)" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "q3"), "--to", "gguf", "--template", str(tmp_path / "none.gguf")]) == 2
+
+
+def test_format_choices_come_from_the_registry():
+    """A new format is one file and a registry line: the CLI offers whatever is registered."""
+    from qbayes.cli.app import build_parser
+    from qbayes.formats import FORMATS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    fmt = next(a for a in sub.choices["quantize"]._actions if "--format" in a.option_strings)
+    assert sorted(fmt.choices) == sorted(FORMATS) and {"int", "nf4"} <= set(fmt.choices)

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from ..errors import QBayesError
+from ..formats import FORMATS
 from .bench import _bench_kernels
 from .common import _add_eval_args, _bits, _group_size
 from .evaluate import _eval, _generate
@@ -33,9 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric codes (zero-point fixed)")
     sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric codes (default)")
     q.set_defaults(symmetric=False)
-    q.add_argument("--format", default="int", choices=["int", "nf4"],
-                   help="number format: int (integer affine codes, default) or nf4 (QLoRA's 4-bit NormalFloat, "
-                        "absmax scale per group, no zero-point; --bits 4)")
+    q.add_argument("--format", default="int", choices=sorted(FORMATS),
+                   help="number format (default int): " + "; ".join(f"{n}: {f.summary}" for n, f in sorted(FORMATS.items())))
     q.add_argument("--head-bits", type=_bits, default=None,
                    help="also pack lm_head at these bits (symmetric, RTN, the same group size; default: keep it in float)")
     q.add_argument("--method", default="gptq", help="weight solver: rtn | gptq (default gptq)")

@@ -68,6 +68,8 @@ class Format(ABC):
     """
 
     name: str = ""
+    #: one line for ``--help`` and error messages
+    summary: str = ""
     #: ``ŵ = s (c − z)`` with integer codes: the integer kernels and exporters apply
     affine: bool = False
 

@@ -86,6 +86,7 @@ class IntAffine(Format):
     """Integer affine codes ``ŵ = s (c − z)``, 1-8 bits, symmetric or asymmetric (this module)."""
 
     name = "int"
+    summary = "integer affine codes s(c - z), symmetric or asymmetric (the default)"
     affine = True
 
     def check(self, bits: int, group_size: int, symmetric: bool) -> str | None:

@@ -44,6 +44,7 @@ class NF4(Format):
     """The NormalFloat-4 codebook with an absmax scale per block (this module)."""
 
     name = "nf4"
+    summary = "QLoRA's 4-bit NormalFloat: absmax scale per group, no zero-point; --bits 4"
     affine = False
 
     def check(self, bits: int, group_size: int, symmetric: bool) -> str | None:
