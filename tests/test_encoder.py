@@ -141,3 +141,20 @@ def test_minilm_gptq_w4g32_keeps_embeddings():
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 36
     cos = cosine_to_reference(ref, sentence_embeddings(model, tok, sents))
     assert not math.isnan(float(cos.mean())) and cos.mean() > 0.985
+
+
+def test_a_padded_calibration_batch_is_flagged_once(tokenizer, caplog):
+    from qbayes.models import adapter_for
+
+    adapter = adapter_for(tiny_bert(tokenizer.vocab_size))
+    enc = tokenizer(_sentences(4), padding=True, return_tensors="pt")
+    assert (enc["attention_mask"] == 0).any()
+    with caplog.at_level("WARNING", logger="qbayes.models.hf_encoder"):
+        adapter.batches(dict(enc), batch_size=2)
+        adapter.batches(dict(enc), batch_size=2)
+    assert sum("padded" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    ids = tokenizer(" ".join(_sentences(50)), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    with caplog.at_level("WARNING", logger="qbayes.models.hf_encoder"):
+        adapter_for(tiny_bert(tokenizer.vocab_size)).batches(encoder_windows(ids, tokenizer, 16, 4))
+    assert not caplog.records

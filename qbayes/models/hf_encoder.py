@@ -11,12 +11,16 @@ embedding, the natural curvature for a model judged by how well it keeps its emb
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from ..errors import CalibrationError, QBayesError
 from .adapter import ModelAdapter, at_least_f32, batch_rows, register_adapter
 from .zoo import load_pretrained
+
+log = logging.getLogger(__name__)
 
 # model_type -> candidate paths of the ModuleList of encoder blocks, relative to the base model
 # (transformers 5 keeps ViT's blocks in ``layers``; older releases in ``encoder.layer``)
@@ -81,6 +85,11 @@ class EncoderAdapter(ModelAdapter):
         unknown = set(batch) - set(keys)
         if unknown:
             raise CalibrationError(f"unknown {self.family} batch entries {sorted(unknown)}: expected some of {keys}")
+        mask = batch.get("attention_mask")
+        if mask is not None and not self.vision and not getattr(self, "_warned_padding", False) and (mask == 0).any():
+            self._warned_padding = True
+            log.warning("a %s batch is padded: its padded positions enter the layers' input statistics like real "
+                        "tokens; qbayes.data.encoder_windows gives unpadded windows of text", self.family)
         main = batch[keys[0]]
         if self.vision and (not main.is_floating_point() or main.dim() != 4):
             raise CalibrationError(f"pixel_values must be float images (batch, channels, height, width), got "
