@@ -181,7 +181,7 @@ def gguf(res: dict, ptq: dict) -> str:
     return "\n".join(lines)
 
 
-# ----- sentence embeddings (bench/encoder.py; not in the README yet) ---------------------------
+# ----- sentence embeddings (bench/encoder.py) -------------------------------------------------
 
 def encoder(res: dict) -> str:
     """Rows ``{"model", "method", "bits", "group_size", "format", "cosine_mean", "cosine_p01", "quantize_s",
@@ -197,7 +197,8 @@ def encoder(res: dict) -> str:
         groups = "-" if g is None else ("per-channel" if g == -1 else f"g{g}")
         is_float = r.get("bits") in (None, 32)
         qs, mb = r.get("quantize_s"), r.get("checkpoint_mb")
-        cells = [r["method"], "-" if is_float else (r.get("format") or "int"), str(r.get("bits") or 32), groups,
+        method = r["method"] + (" + float targets" if (r.get("options") or {}).get("float_targets") else "")
+        cells = [method, "-" if is_float else (r.get("format") or "int"), str(r.get("bits") or 32), groups,
                  f"{r['cosine_mean']:.4f}", f"{r['cosine_p01']:.4f}", "-" if qs is None else f"{qs:.1f}",
                  "-" if mb is None else f"{mb:.1f}"]
         cells = [str(r.get("model")), *cells] if several else cells

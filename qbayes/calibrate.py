@@ -10,6 +10,12 @@
 3. The quantized block's outputs become the next block's inputs. Only one block's activations
    are alive at a time.
 
+With the solver option ``float_targets=True`` (:mod:`qbayes.algorithms.float_targets`) a second,
+float stream runs beside the quantized one: each block is first run in float on the float
+stream's inputs, the input of every stage is kept, and each stage is fit to the float outputs
+(through the cross moment of the float and quantized inputs) rather than to what the float
+weights compute on the quantized inputs. That keeps one block's float stage inputs alive too.
+
 Every calibration batch runs its block forward as a coroutine (a greenlet) that pauses at the
 first linear of each stage. When all batches are paused there, their inputs give ``H``, the
 stage is solved, and the batches resume. So each block costs one forward pass, whatever the
@@ -17,6 +23,7 @@ number of stages, and no code needs to know the block's internals.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Callable, Mapping
 
@@ -25,7 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms import Solver, layer_objective
-from .curvature import collect
+from .algorithms.float_targets import float_target_weight
+from .curvature import InputCrossMoment, collect
 from .errors import CalibrationError
 from .formats import QuantizedWeight
 from .models import adapter_for
@@ -119,8 +127,13 @@ def quantize_blocks(
         raise CalibrationError("the calibration set is empty: pass at least one calibration batch")
     report: dict[str, dict] = {}
     plans: dict[tuple, tuple] = {}
+    options = dict(options)
+    float_targets = bool(options.pop("float_targets", False))
+    if float_targets and "damp" not in options:
+        options["damp"] = inspect.signature(solver.fn).parameters["damp"].default
     with torch.no_grad():
         inputs = adapter.block_inputs(batches)
+        f_inputs = inputs  # the float stream (float_targets): identical until a block is quantized
         blocks = adapter.blocks()
         bar = tqdm(blocks, desc=f"{solver.fn.__name__.upper()} blocks", unit="block", disable=not progress)
         for bname, block in bar:
@@ -128,6 +141,7 @@ def quantize_blocks(
             linears = {n[len(prefix):]: m for n, m in selected.items() if n.startswith(prefix)}
             if not linears:  # nothing to quantize here: just run it for the next block's inputs
                 outputs = [adapter.block_output(block(*a, **k)) for a, k in inputs]
+                f_outputs = [adapter.block_output(block(*a, **k)) for a, k in f_inputs] if float_targets else None
             else:
                 key = (type(block), tuple(linears))
                 if key not in plans:  # identical blocks run their linears in the same order
@@ -136,28 +150,63 @@ def quantize_blocks(
                 for n in never:
                     log.warning("%s%s never ran on the calibration data; it is left in float", prefix, n)
                 solved: dict[str, tuple[QuantizedWeight, QuantSpec]] = {}
+                if float_targets:  # run while the block is still float
+                    f_stage_x, f_outputs = float_pass(block, f_inputs, stages, adapter.block_output)
 
                 def on_stage(k, xs):
                     first = linears[stages[k][0]]  # the stage's shared input is what its first linear reads
                     H = collect(adapter_for(first), {"x": first}, xs, want=("H",), stop_early=True)["x"].H
-                    solved.update(_solve_stage(prefix, stages[k], linears, H, spec_for, solver, options, report))
+                    C = None
+                    if float_targets:
+                        acc = InputCrossMoment(H.shape[0], dtype=H.dtype, device=H.device)
+                        for fx, x in zip(f_stage_x, xs):
+                            acc.update(fx.pop(k), x)
+                        C = acc.C
+                    solved.update(_solve_stage(prefix, stages[k], linears, H, spec_for, solver, options, report, C))
 
                 outputs = interleaved_forward(block, inputs, stages, on_stage, adapter.block_output)
                 for n, (qw, spec) in solved.items():
                     set_module(block, n, QuantLinear.from_quantized(qw, spec, linears[n].bias))
             inputs = [adapter.next_inputs(a, k, h) for (a, k), h in zip(inputs, outputs)]
+            if float_targets:
+                f_inputs = [adapter.next_inputs(a, k, h) for (a, k), h in zip(f_inputs, f_outputs)]
     return report
 
 
-def _solve_stage(prefix, stage, linears, H, spec_for, solver, options, report):
+def float_pass(block: nn.Module, inputs: list[tuple[tuple, dict]], stages: list[list[str]], output: Callable):
+    """Run the (still float) ``block`` on every batch; return, per batch, ``{stage k: the input of
+    its first linear}`` (the first call, as :func:`interleaved_forward` pauses once) and the outputs."""
+    captured: list[dict[int, torch.Tensor]] = []
+
+    def keep(k):
+        def hook(_mod, a):
+            captured[-1].setdefault(k, a[0])
+        return hook
+
+    handles = [block.get_submodule(stage[0]).register_forward_pre_hook(keep(k)) for k, stage in enumerate(stages)]
+    outputs = []
+    try:
+        for a, kw in inputs:
+            captured.append({})
+            outputs.append(output(block(*a, **kw)))
+    finally:
+        for h in handles:
+            h.remove()
+    return captured, outputs
+
+
+def _solve_stage(prefix, stage, linears, H, spec_for, solver, options, report, C=None):
     """Solve the linears of one stage against their shared ``H`` (same-spec linears stacked by
-    rows, which GPTQ treats independently), and make them compute with the result."""
+    rows, which GPTQ treats independently), and make them compute with the result. With the
+    float/quantized cross moment ``C`` the solver is given the float-target weight instead."""
     by_spec: dict[QuantSpec, list[str]] = {}
     for n in stage:
         by_spec.setdefault(spec_for(prefix + n), []).append(n)
     out = {}
     for spec, names in by_spec.items():
         W = torch.cat([linears[n].weight.detach() for n in names], 0)
+        if C is not None:
+            W = float_target_weight(W, H, C, options["damp"])
         qw = solver.fn(W, H, spec, **options)
         parts = qw.split_rows([linears[n].out_features for n in names]) if len(names) > 1 else [qw]
         for n, part in zip(names, parts):

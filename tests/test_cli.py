@@ -194,3 +194,17 @@ def test_format_choices_come_from_the_registry():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     fmt = next(a for a in sub.choices["quantize"]._actions if "--format" in a.option_strings)
     assert sorted(fmt.choices) == sorted(FORMATS) and {"int", "nf4"} <= set(fmt.choices)
+
+
+def test_float_targets_flag(model_dir, tmp_path, capsys):
+    from qbayes import load_quantized
+
+    rc = main(["quantize", "--model", str(model_dir), "--float-targets", "--calib-samples", "4", "--no-eval",
+               "--out", str(tmp_path / "f"), *ARGS])
+    assert rc == 0
+    model, _ = load_quantized(tmp_path / "f")
+    assert model.qbayes_config["options"]["float_targets"] is True
+    rc = main(["quantize", "--model", str(model_dir), "--method", "rtn", "--float-targets", "--no-eval",
+               "--out", str(tmp_path / "g"), *ARGS])
+    assert rc == 2 and "--method gptq" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()

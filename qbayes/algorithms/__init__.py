@@ -9,6 +9,7 @@ from typing import Callable
 
 from ..errors import QBayesError
 from .base import layer_objective
+from .float_targets import float_target_weight
 from .gptq import gptq
 from .rtn import rtn
 
@@ -22,7 +23,7 @@ class Solver:
 
 SOLVERS: dict[str, Solver] = {
     "rtn": Solver(rtn, needs_hessian=False),
-    "gptq": Solver(gptq, needs_hessian=True, options=("block_size", "damp", "act_order")),
+    "gptq": Solver(gptq, needs_hessian=True, options=("block_size", "damp", "act_order", "float_targets")),
 }
 
 
@@ -33,4 +34,4 @@ def get_solver(name: str) -> Solver:
         raise QBayesError(f"unknown method {name!r}: choose one of {sorted(SOLVERS)}") from None
 
 
-__all__ = ["SOLVERS", "Solver", "get_solver", "gptq", "rtn", "layer_objective"]
+__all__ = ["SOLVERS", "Solver", "float_target_weight", "get_solver", "gptq", "rtn", "layer_objective"]

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: visit columns by decreasing H diagonal, with static groups (default on)")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
+    q.add_argument("--float-targets", action="store_true",
+                   help="GPTQ: fit each layer to the float model's output on the quantized model's input "
+                        "(GPTAQ-style; corrects upstream error, one more float forward per block)")
     q.add_argument("--clip", default="mse", choices=["mse", "minmax"], help="range of each group (default mse)")
     q.add_argument("--calib", help="calibration text file (default: $QBAYES_DATA/ptb/ptb.valid.txt)")
     q.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")

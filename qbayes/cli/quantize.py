@@ -4,11 +4,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..errors import QBayesError
 from .common import _resolve_model, _table, _windows
 from .mixed import allocate_for
 
 
 def _quantize(args) -> int:
+    if args.float_targets and args.method != "gptq":
+        raise QBayesError("--float-targets is a GPTQ option: use it with --method gptq")
 
     from .. import QuantSpec, quantize_, save_quantized
     from ..data import CALIB_TEXT, calibration_windows, data_path, tokenize_file
@@ -41,6 +44,8 @@ def _quantize(args) -> int:
         cpath = Path(args.calib) if args.calib else data_path(CALIB_TEXT)
         calib = calibration_windows(tokenize_file(cpath, tok), args.seqlen, args.calib_samples)
     options = {"act_order": args.act_order, "damp": args.damp} if args.method == "gptq" else {}
+    if args.float_targets:
+        options["float_targets"] = True
     target, record = spec, None
     if args.avg_bits is not None:
         target, record = allocate_for(args, model, tok, spec)

@@ -75,3 +75,30 @@ class InputSecondMoment:
             self._acc.mul_(self.n / total).add_(other.H.to(self._acc), alpha=other.n / total)
             self._full = None
         self.n = total
+
+
+class InputCrossMoment:
+    """Running ``C = (2/n) Σ u vᵀ`` over paired rows of two inputs of width ``dim`` (the same
+    scaling as :class:`InputSecondMoment`, so ``C`` of a stream with itself is its ``H``).
+
+    Float-target calibration pairs the float model's input of a layer (``u``) with the
+    quantized model's input (``v``)."""
+
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.dim = dim
+        self.n = 0
+        self.C = torch.zeros(dim, dim, dtype=dtype, device=device)
+
+    def update(self, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Add paired batches ``u``, ``v`` of the same shape ``(..., dim)``."""
+        if u.shape != v.shape or u.shape[-1] != self.dim:
+            raise QBayesError(f"paired inputs of shapes {tuple(u.shape)} and {tuple(v.shape)} do not match "
+                              f"a cross moment of width {self.dim}")
+        u = u.reshape(-1, self.dim).to(self.C.dtype)
+        v = v.reshape(-1, self.dim).to(self.C.dtype)
+        m = u.shape[0]
+        if m == 0:
+            return
+        total = self.n + m
+        self.C.mul_(self.n / total).addmm_(u.T, v, alpha=2.0 / total)
+        self.n = total
