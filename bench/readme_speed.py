@@ -105,10 +105,18 @@ def decode(res: dict) -> str:
         f"single-query attention with small C++ ops, and {same}. The tied fp32 `lm_head` (113 MB per token) is "
         "then the largest read of the W4 model; packing it at 8 bits (`head=QuantSpec(8, 64, symmetric=True)`, "
         f"`--head-bits 8`) gives {head:.1f}×. ONNX Runtime runs the exported decode-step graph (`qbayes export "
-        f"--kv-cache`) at about the same speed as qbayes for W4 ({w4_ort:.1f} against {w4_qb:.1f} tokens/s), and "
+        f"--kv-cache`) {_compare(w4_ort, w4_qb)} for W4 ({w4_ort:.1f} against {w4_qb:.1f} tokens/s), and "
         f"slowly wherever a layer is 8-bit (it dequantizes those weights at every step); {ort_same}. Tables: "
         "`bench/results/kernels.md`, `bench/results/decode.md`.")]
     return "\n".join(lines)
+
+
+def _compare(a: float, b: float) -> str:
+    """How speed ``a`` compares with qbayes's ``b``, in words that stay true when the numbers move."""
+    r = a / b
+    if abs(r - 1) <= 0.1:
+        return "at about the same speed as qbayes"
+    return f"{r:.2f}× as fast as qbayes" if r > 1 else f"at {r:.2f}× qbayes's speed"
 
 
 # ----- GPU kernels (bench/kernels_gpu.py, bench/sass_gemv.py) -----------------------------------
