@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/qbayes quantize --threads 2
+	$(BIN)/qbayes quantize --threads 2 --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

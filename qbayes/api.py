@@ -1,6 +1,7 @@
 """One-call entry point: ``quantize_(model, spec, method, calib)``, in the spirit of torchao."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Callable, Iterable, Mapping
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 from .algorithms import get_solver
 from .calibrate import quantize_blocks
 from .errors import QBayesError
+from .formats import group_view
 from .models import ModelAdapter, adapter_for
 from .nn import DEFAULT_EXCLUDE, QuantLinear, set_module
 from .spec import QuantSpec
@@ -71,6 +73,7 @@ def quantize_(
     adapter = adapter_for(model)
     model = adapter.model
     selected = adapter.select(spec_for, include, exclude)
+    spec_for = _representable_scales(spec_for, selected)
     head_name = _check_head(adapter, head) if head is not None else None
 
     batches = adapter.batches(calib, batch_size, _device_of(model)) if solver.needs_hessian else None
@@ -142,6 +145,30 @@ def _spec_function(spec) -> Callable[[str], QuantSpec]:
     if callable(spec):
         return spec
     raise QBayesError(f"spec must be a QuantSpec, a mapping or a function, not {type(spec).__name__}")
+
+
+def _representable_scales(spec_for: Callable[[str], QuantSpec], selected: Mapping[str, nn.Module]
+                          ) -> Callable[[str], QuantSpec]:
+    """``spec_for`` with float32 scales for the layers where a 16-bit scale dtype cannot hold the
+    min-max scale of some group (below its smallest normal: a group spanning less than ~1e-3 at 4
+    bits in float16; or above its max), so that no group is silently flushed to zero or clipped."""
+    promoted: dict[str, QuantSpec] = {}
+    for name, lin in selected.items():
+        s = spec_for(name)
+        if s.scale_dtype == "float32":
+            continue
+        fin = torch.finfo(s.torch_scale_dtype)
+        w = group_view(lin.weight.detach().float().reshape(lin.weight.shape[0], -1), s.group_size)
+        span = 2 * w.abs().amax(-1) if s.symmetric else w.amax(-1) - w.amin(-1)
+        span = span[span > 0]
+        if not span.numel():
+            continue
+        levels = 2 ** s.bits - 1
+        if float(span.min()) / levels < fin.tiny or float(span.max()) / levels > fin.max:
+            promoted[name] = dataclasses.replace(s, scale_dtype="float32")
+            log.warning("%s: some group scales are outside the range of %s scales; this layer stores float32 scales",
+                        name, s.scale_dtype)
+    return (lambda name: promoted.get(name) or spec_for(name)) if promoted else spec_for
 
 
 def _device_of(model: nn.Module) -> torch.device:

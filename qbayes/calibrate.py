@@ -35,7 +35,7 @@ from .algorithms import Solver, layer_objective
 from .algorithms.float_targets import float_target_weight
 from .curvature import InputCrossMoment, collect
 from .errors import CalibrationError
-from .formats import QuantizedWeight
+from .formats import PER_TENSOR, QuantizedWeight
 from .models import adapter_for
 from .nn import QuantLinear, set_module
 from .spec import QuantSpec
@@ -199,11 +199,12 @@ def _solve_stage(prefix, stage, linears, H, spec_for, solver, options, report, C
     """Solve the linears of one stage against their shared ``H`` (same-spec linears stacked by
     rows, which GPTQ treats independently), and make them compute with the result. With the
     float/quantized cross moment ``C`` the solver is given the float-target weight instead."""
-    by_spec: dict[QuantSpec, list[str]] = {}
+    by_spec: dict[tuple, list[str]] = {}
     for n in stage:
-        by_spec.setdefault(spec_for(prefix + n), []).append(n)
+        spec = spec_for(prefix + n)  # a per-tensor scale belongs to one layer: never stacked
+        by_spec.setdefault((spec, n if spec.group_size == PER_TENSOR else None), []).append(n)
     out = {}
-    for spec, names in by_spec.items():
+    for (spec, _), names in by_spec.items():
         W = torch.cat([linears[n].weight.detach() for n in names], 0)
         if C is not None:
             W = float_target_weight(W, H, C, options["damp"])

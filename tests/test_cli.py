@@ -63,8 +63,7 @@ def test_eval_of_a_non_checkpoint(tmp_path, capsys):
 
 
 def test_bits_out_of_range_rejected_by_parser(capsys):
-    with pytest.raises(SystemExit):
-        main(["quantize", "--bits", "9"])
+    assert main(["quantize", "--bits", "9"]) == 2
     assert "2..8" in capsys.readouterr().err
 
 
@@ -174,14 +173,32 @@ def test_export_gguf_command(model_dir, tmp_path, capsys):
     assert main(["quantize", "--model", str(model_dir), "--method", "rtn", "--group-size", "32", "--no-eval",
                  "--out", str(out)]) == 0
     capsys.readouterr()
-    assert main(["export", str(out), "--to", "gguf"]) == 0
+    # the tiny tokenizer is a whitespace BPE, which llama.cpp's gpt2 tokenizer would decode wrongly
+    assert main(["export", str(out), "--to", "gguf"]) == 2
+    assert "byte-level BPE tokenizers only" in capsys.readouterr().err and not (out / "model.gguf").exists()
+    from qbayes import load_quantized
+    from qbayes.export.gguf import export_gguf
+
+    from .test_export_gguf import _write_tokenizer
+    (tmp_path / "tk").mkdir()
+    _write_tokenizer(tmp_path / "tk", 96)
+    export_gguf(load_quantized(out)[0], tmp_path / "template.gguf", tokenizer_dir=tmp_path / "tk")
+    assert main(["export", str(out), "--to", "gguf", "--template", str(tmp_path / "template.gguf")]) == 0
     text = capsys.readouterr().out
-    assert "14 layers as Q4_1 without requantizing" in text and "note: tokenizer built" in text
+    assert "14 layers as Q4_1 without requantizing" in text
     assert (out / "model.gguf").stat().st_size > 0
+    assert main(["export", str(out), "--to", "gguf", "--template", str(tmp_path / "template.gguf")]) == 2
+    assert "pass --force" in capsys.readouterr().err  # an existing export is not overwritten silently
+    assert main(["export", str(out), "--to", "gguf", "--template", str(tmp_path / "template.gguf"), "--force"]) == 0
+    for own in ("model.safetensors", "qbayes.json", "tokenizer.json"):
+        assert main(["export", str(out), "--to", "gguf", "--force", "--out", str(out / own)]) == 2
+        assert "a file of the qbayes checkpoint" in capsys.readouterr().err
+    load_quantized(out)  # untouched
     assert main(["quantize", "--model", str(model_dir), "--method", "rtn", "--bits", "3", "--group-size", "32",
                  "--no-eval", "--out", str(tmp_path / "q3")]) == 0
     capsys.readouterr()
-    assert main(["export", str(tmp_path / "q3"), "--to", "gguf", "--fallback", "f16", "--out", str(tmp_path / "x.gguf")]) == 0
+    assert main(["export", str(tmp_path / "q3"), "--to", "gguf", "--fallback", "f16", "--out", str(tmp_path / "x.gguf"),
+                 "--template", str(tmp_path / "template.gguf")]) == 0
     assert "converted 14 layers to F16 (W3 group-32 asym has no ggml block type)" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "q3"), "--to", "gguf", "--template", str(tmp_path / "none.gguf")]) == 2
 

@@ -62,7 +62,7 @@ def test_metadata_records_every_layer(calib_ids, tmp_path):
     quantize_(m, QuantSpec(3, 16), "gptq", calib_ids, progress=False, damp=0.05)
     save_quantized(m, tmp_path / "c")
     meta = json.loads((tmp_path / "c" / "qbayes.json").read_text())
-    assert meta["format_version"] == 1 and meta["method"] == "gptq" and meta["options"] == {"damp": 0.05}
+    assert meta["format_version"] == 2 and meta["method"] == "gptq" and meta["options"] == {"damp": 0.05}
     assert len(meta["layers"]) == 14
     for info in meta["layers"].values():
         assert info["bits"] == 3 and info["group_size"] == 16 and 0 <= info["rel_error"] < 1

@@ -87,7 +87,7 @@ def test_truncated_checkpoint_detected(saved):
     w.write_bytes(w.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_quantized(saved)
-    with pytest.raises(CheckpointError, match="cannot read"):  # even without the hash check
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):  # even without the hash check
         load_quantized(saved, verify=False)
 
 
@@ -115,6 +115,10 @@ def test_checkpoint_with_swapped_tensor_shapes(saved, tmp_path):
     meta = json.loads((saved / "qbayes.json").read_text())
     name = "model.layers.0.mlp.down_proj"
     meta["layers"][name]["bits"] = 8  # metadata no longer fits the stored tensors
+    (saved / "qbayes.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="edited"):  # the metadata hash
+        load_quantized(saved)
+    meta["meta_sha256"] = qio.meta_digest(meta)  # a forger who also rewrites the hash
     (saved / "qbayes.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="shape"):
         load_quantized(saved)

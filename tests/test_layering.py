@@ -25,7 +25,7 @@ ALLOWED = {
     "bayes": {"curvature", "models", "errors"},
     "data": {"errors"},
     "eval": {"data", "errors"},
-    "io": {"nn", "formats", "spec", "errors"},
+    "io": {"nn", "models", "formats", "spec", "errors"},  # models: the families a checkpoint may name
     "fastdecode": {"nn", "kernels", "errors"},
     "generate": {"fastdecode", "errors"},
     "export": {"nn", "kernels", "formats", "fastdecode", "errors"},

@@ -8,7 +8,7 @@ import sys
 from ..errors import QBayesError
 from ..formats import FORMATS
 from .bench import _bench_kernels
-from .common import _add_eval_args, _bits, _group_size
+from .common import THREADS, _add_eval_args, _bits, _group_size, finite_float, int_at_least
 from .evaluate import _eval, _generate
 from .export import _export
 from .mixed import add_parser as add_sensitivity_parser
@@ -41,15 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="gptq", help="weight solver: rtn | gptq (default gptq)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: visit columns by decreasing H diagonal, with static groups (default on)")
-    q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
+    q.add_argument("--damp", type=finite_float(0, above=True), default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     q.add_argument("--float-targets", action="store_true",
                    help="GPTQ: fit each layer to the float model's output on the quantized model's input "
                         "(GPTAQ-style; corrects upstream error, one more float forward per block)")
     q.add_argument("--clip", default="mse", choices=["mse", "minmax"], help="range of each group (default mse)")
     q.add_argument("--calib", help="calibration text file (default: $QBAYES_DATA/ptb/ptb.valid.txt)")
-    q.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
-    q.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default 8)")
-    q.add_argument("--out", help="output folder (default ./qbayes-out/<model>-w<bits>g<group>-<method>)")
+    q.add_argument("--calib-samples", type=int_at_least(1), default=64, help="calibration windows (default 64)")
+    q.add_argument("--batch-size", type=int_at_least(1), default=8, help="calibration windows per forward pass (default 8)")
+    q.add_argument("--out", help="output folder (default ./qbayes-out/<model>-w<bits>g<group>-<method>); must be new, "
+                   "empty, or a qbayes checkpoint (with --force)")
+    q.add_argument("--force", action="store_true",
+                   help="replace an existing qbayes checkpoint at --out (and the exports made from it)")
     q.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluations")
     _add_eval_args(q)
     add_quantize_args(q)
@@ -62,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with a saved quantized model and report tokens/s")
     g.add_argument("path", help="folder written by 'qbayes quantize' (or a float Hugging Face model folder)")
     g.add_argument("prompt", help="the prompt text")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--max-new-tokens", type=int_at_least(1), default=128, help="tokens to generate (default 128)")
+    g.add_argument("--temperature", type=finite_float(0), default=0.0, help="0 = greedy (default); > 0 samples")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    g.add_argument("--threads", type=THREADS, default=None, help="torch threads (default: torch's choice)")
     g.add_argument("--engine", default="auto", choices=["auto", "qbayes", "hf"],
                    help="decode loop: qbayes's lean Llama decoder, the model's own Hugging Face forward, or auto "
                         "(the first where the model allows; default)")
@@ -73,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a saved quantized model for another runtime (ONNX Runtime, llama.cpp)")
     x.add_argument("path", help="folder written by 'qbayes quantize'")
     x.add_argument("--to", default="onnx", choices=["onnx", "gguf"], help="target format (default onnx)")
-    x.add_argument("--out", help="output file (default PATH/model.onnx or PATH/model.gguf)")
+    x.add_argument("--out", help="output file (default PATH/model.onnx or PATH/model.gguf); never a file of the checkpoint")
+    x.add_argument("--force", action="store_true", help="overwrite an existing output file")
     x.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="onnx: run the export in ONNX Runtime on a few windows and compare logits (default on)")
     x.add_argument("--kv-cache", action="store_true",
@@ -92,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmolLM2's 576/1536 shapes, 4096/14336 shapes, or both (default smollm2)")
     k.add_argument("--bits", default="4,8", help="comma-separated bit-widths from 2,3,4,8 (default 4,8)")
     k.add_argument("--batches", default="1,16,256", help="comma-separated batch sizes (default 1,16,256)")
-    k.add_argument("--threads", type=int, default=None, help="torch (and ONNX Runtime) threads (default: torch's choice)")
+    k.add_argument("--threads", type=THREADS, default=None, help="torch (and ONNX Runtime) threads (default: torch's choice)")
     k.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's MatMulNBits")
     k.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cpu: the packed CPU kernels against fp32 (and ONNX Runtime); cuda: the Triton kernels "
@@ -101,16 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("uq", help="fit posteriors of a Fashion-MNIST CNN and print uncertainty metrics")
     u.add_argument("--method", default="map,laplace-ll",
                    help=f"comma-separated, from {','.join(UQ_METHODS)} (default map,laplace-ll)")
-    u.add_argument("--epochs", type=int, default=3, help="MAP training epochs (default 3)")
-    u.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
-    u.add_argument("--test-subset", type=int, default=None, help="use only the first N test (and OOD) images")
+    u.add_argument("--epochs", type=int_at_least(1), default=3, help="MAP training epochs (default 3)")
+    u.add_argument("--train-subset", type=int_at_least(1), default=None, help="use only the first N training images")
+    u.add_argument("--test-subset", type=int_at_least(1), default=None, help="use only the first N test (and OOD) images")
     u.add_argument("--seed", type=int, default=0)
-    u.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    u.add_argument("--threads", type=THREADS, default=None, help="torch threads (default: torch's choice)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed its message (a bad option: 2; --help: 0)
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if getattr(args, "threads", None):

@@ -10,20 +10,22 @@ from ..errors import QBayesError
 def _export(args) -> int:
     import torch
 
-    from ..io import load_quantized
+    from ..io import check_out_file, load_quantized, own_files
 
+    default = "model.gguf" if args.to == "gguf" else "model_decode.onnx" if args.kv_cache else "model.onnx"
+    out = Path(args.out) if args.out else Path(args.path) / default
+    protected = [Path(args.path) / n for n in own_files(Path(args.path))]
+    check_out_file(out, force=args.force, protected=protected)  # before minutes of export
     model, _ = load_quantized(args.path)
     if args.to == "gguf":
-        return _export_gguf(args, model)
+        return _export_gguf(args, model, out)
     from ..export import export_onnx
 
     if args.kv_cache:
         from ..export.onnx_decode import export_onnx_decoder
 
-        out = Path(args.out) if args.out else Path(args.path) / "model_decode.onnx"
         report = export_onnx_decoder(model, out)
     else:
-        out = Path(args.out) if args.out else Path(args.path) / "model.onnx"
         report = export_onnx(model, out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {report['MatMulNBits']} layers as MatMulNBits, "
           f"{report['DequantizeLinear']} as DequantizeLinear+MatMul, {len(report['float'])} converted to float")
@@ -50,10 +52,9 @@ def _export(args) -> int:
     return 0
 
 
-def _export_gguf(args, model) -> int:
+def _export_gguf(args, model, out: Path) -> int:
     from ..export.gguf import export_gguf
 
-    out = Path(args.out) if args.out else Path(args.path) / "model.gguf"
     rep = export_gguf(model, out, tokenizer_dir=args.path, template=args.template,
                       float_type=args.float_type, fallback=args.fallback)
     kinds = Counter(rep["exact"].values())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import QBayesError
 from ..mixed.sensitivity import CRITERIA
-from .common import _resolve_model
+from .common import _group_size, _resolve_model, finite_float, int_at_least
 
 DEFAULT_CRITERION = "posterior"  # best perplexity at 3.5 bits on SmolLM2 (bench/results/mixed.md)
 
@@ -24,13 +24,13 @@ def bit_choices(v: str) -> tuple[int, ...]:
 
 def add_sensitivity_set_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sens-text", help="text for the sensitivity set (default: the calibration text, ptb valid)")
-    p.add_argument("--sens-windows", type=int, default=4, help="windows in the sensitivity set (default 4)")
-    p.add_argument("--sens-seqlen", type=int, default=256, help="tokens per sensitivity window (default 256)")
-    p.add_argument("--hutchinson-samples", type=int, default=16, help="HAWQ: Hutchinson probes (default 16)")
+    p.add_argument("--sens-windows", type=int_at_least(1), default=4, help="windows in the sensitivity set (default 4)")
+    p.add_argument("--sens-seqlen", type=int_at_least(2), default=256, help="tokens per sensitivity window (default 256)")
+    p.add_argument("--hutchinson-samples", type=int_at_least(1), default=16, help="HAWQ: Hutchinson probes (default 16)")
 
 
 def add_quantize_args(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--avg-bits", type=float, default=None,
+    q.add_argument("--avg-bits", type=finite_float(0, above=True), default=None,
                    help="mixed precision: average code bits per weight of the quantized layers (e.g. 3.5)")
     q.add_argument("--allocate", default=DEFAULT_CRITERION, choices=CRITERIA,
                    help=f"sensitivity criterion for --avg-bits (default {DEFAULT_CRITERION})")
@@ -44,12 +44,12 @@ def add_parser(sub) -> None:
     s.add_argument("model", nargs="?", default="smollm2-135m", help="model folder, hub id or 'smollm2-135m' (default)")
     s.add_argument("--criteria", default=",".join(CRITERIA), help=f"comma-separated, from {','.join(CRITERIA)} (default all)")
     s.add_argument("--bits", type=bit_choices, default=(2, 3, 4, 8), help="bit-widths to score (default 2,3,4,8)")
-    s.add_argument("--group-size", type=int, default=64, help="group size of the scored formats (default 64)")
+    s.add_argument("--group-size", type=_group_size, default=64, help="group size of the scored formats (default 64)")
     s.add_argument("--sym", action="store_true", help="symmetric codes")
     s.add_argument("--show-bits", type=int, default=3, help="bit-width shown in the printed table (default 3)")
-    s.add_argument("--avg-bits", type=float, default=3.5, help="budget of the allocation drawn in the PNG (default 3.5)")
+    s.add_argument("--avg-bits", type=finite_float(0, above=True), default=3.5, help="budget of the allocation drawn in the PNG (default 3.5)")
     s.add_argument("--out", default=None, help="output folder (default ./qbayes-out/sensitivity-<model>)")
-    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    s.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: torch's choice)")
     add_sensitivity_set_args(s)
 
 

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from ..errors import QBayesError
-from .common import _resolve_model, _table, _windows
+from .common import _model_name, _resolve_model, _table, _windows
 from .mixed import allocate_for
 
 
@@ -14,15 +14,27 @@ def _quantize(args) -> int:
         raise QBayesError("--float-targets is a GPTQ option: use it with --method gptq")
 
     from .. import QuantSpec, quantize_, save_quantized
-    from ..data import CALIB_TEXT, calibration_windows, data_path, tokenize_file
+    from ..data import CALIB_TEXT, calibration_windows, data_path, readable_text, tokenize_file
     from ..eval import perplexity
     from ..io import checkpoint_bytes
     from ..models import load_causal_lm
 
+    from ..io import FORMAT, META, check_free_space, check_out_dir, own_files
+
     spec = QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, clip=args.clip,
                      format=args.format)
+    tag = f"mix{args.avg_bits:g}" if args.avg_bits is not None else (args.format if args.format != "int" else f"w{args.bits}")
+    name = _model_name(args.model)
+    out = Path(args.out) if args.out else Path("qbayes-out") / (
+        f"{name}-{tag}{'pc' if args.group_size == -1 else f'g{args.group_size}'}-{args.method}")
+    sources = [args.model] if Path(args.model).exists() else []
+    check_out_dir(out, sources=sources, force=args.force, meta_name=META, fmt=FORMAT, own_files=own_files(out))
+    for text in (args.calib, args.eval_text):
+        if text:
+            readable_text(text)
     model_path = _resolve_model(args.model)
     model, tok = load_causal_lm(model_path)
+    check_free_space(out, 2 * sum(p.numel() for p in model.parameters()))  # fp16 is an upper bound
     from ..api import select_layers
     select_layers(model, spec)  # refuse an impossible spec before minutes of evaluation
     head = None
@@ -57,10 +69,11 @@ def _quantize(args) -> int:
     if record is not None:
         model.qbayes_config["allocation"] = record
 
-    tag = f"mix{args.avg_bits:g}" if record is not None else (args.format if args.format != "int" else f"w{args.bits}")
-    out = Path(args.out) if args.out else Path("qbayes-out") / (
-        f"{Path(model_path).name}-{tag}{'pc' if args.group_size == -1 else f'g{args.group_size}'}-{args.method}")
-    save_quantized(model, out, tokenizer=tok, extra={"source_model": str(model_path)})
+    try:
+        save_quantized(model, out, tokenizer=tok, extra={"source_model": str(model_path)})
+    except OSError as e:
+        raise QBayesError(f"cannot write the checkpoint to {out} ({e.strerror or e}); nothing was written there "
+                          "and an older checkpoint at that path is intact") from e
     size_mb = checkpoint_bytes(out) / 1e6
     if windows is not None:
         print("evaluating quantized perplexity")

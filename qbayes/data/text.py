@@ -34,12 +34,23 @@ def data_path(relative: str) -> Path:
     return p
 
 
-def tokenize_file(path: str | Path, tokenizer) -> torch.Tensor:
-    """The whole file, read at once and tokenized once without special tokens: 1-D int64 ids."""
+def readable_text(path: str | Path) -> str:
+    """The UTF-8 text of ``path``, after checking it is a regular file (clear errors otherwise)."""
     p = Path(path)
     if not p.exists():
         raise QBayesError(f"text file {p} not found")
-    text = p.read_text(encoding="utf-8")
+    if not p.is_file():
+        raise QBayesError(f"{p} is not a regular file: give a UTF-8 text file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise QBayesError(f"{p} is not UTF-8 text (byte {e.start} cannot be decoded): convert it to UTF-8") from None
+
+
+def tokenize_file(path: str | Path, tokenizer) -> torch.Tensor:
+    """The whole file, read at once and tokenized once without special tokens: 1-D int64 ids."""
+    p = Path(path)
+    text = readable_text(p)
     if not text.strip():
         raise CalibrationError(f"text file {p} is empty")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -69,11 +80,8 @@ def calibration_windows(ids: torch.Tensor, seqlen: int = 512, n: int = 64, seed:
 def sentence_lines(path: str | Path, min_words: int = 8) -> list[str]:
     """The lines of a text file that are sentences: non-empty, not a WikiText heading
     (`` = Title = ``, `` = = Section = = ``) and at least ``min_words`` words long; stripped."""
-    p = Path(path)
-    if not p.exists():
-        raise QBayesError(f"text file {p} not found")
     out = []
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for line in readable_text(path).splitlines():
         s = line.strip()
         if s and not (s.startswith("=") and s.endswith("=")) and len(s.split()) >= min_words:
             out.append(s)

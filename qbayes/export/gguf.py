@@ -148,6 +148,15 @@ def _tokenizer_from_template(writer, template: Path) -> None:
         raise QBayesError(f"{template} holds no tokenizer metadata")
 
 
+def _byte_level(part) -> bool:
+    """Whether a tokenizer.json pre-tokenizer/decoder entry is (or holds) ByteLevel."""
+    if not isinstance(part, dict):
+        return False
+    if part.get("type") == "ByteLevel":
+        return True
+    return any(_byte_level(p) for p in part.get("pretokenizers") or part.get("decoders") or [])
+
+
 def _tokenizer_from_hf(writer, folder: Path, vocab_size: int) -> list[str]:
     """Byte-level BPE vocabulary and merges from ``tokenizer.json``; returns notes for the report."""
     from gguf import TokenType
@@ -162,6 +171,10 @@ def _tokenizer_from_hf(writer, folder: Path, vocab_size: int) -> list[str]:
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise QBayesError(f"GGUF export builds byte-level BPE tokenizers only; {path} is {model.get('type')!r}")
+    if not _byte_level(spec.get("pre_tokenizer")) and not _byte_level(spec.get("decoder")):
+        raise QBayesError(f"GGUF export builds byte-level BPE tokenizers only; {path} is a BPE without a ByteLevel "
+                          "pre-tokenizer or decoder (llama.cpp's gpt2 tokenizer would decode it wrongly): pass "
+                          "--template with a GGUF file holding the model's own tokenizer")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [TokenType.UNUSED] * vocab_size
     for tok, i in model["vocab"].items():

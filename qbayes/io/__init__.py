@@ -5,32 +5,48 @@ Layout of a checkpoint folder::
     model.safetensors   packed codes, scales, zero-points, and the float parameters
                         (in the 16-bit dtype chosen at quantization)
     qbayes.json         {"format": "qbayes-quantized", "format_version", the per-layer specs,
-                         the model config, the sha256 of model.safetensors, ...}
+                         the model config, the model's dtype, the sha256 of model.safetensors
+                         and of every tokenizer file, and meta_sha256 over all of it}
     tokenizer files     when a tokenizer was given
 
-Files are written under temporary names and renamed into place at the end, so a failed save
-never leaves a half-written checkpoint behind (nor destroys an older one). Loading checks the
-hash, the format and every tensor's presence and shape, and names the problem otherwise.
+Guarantees:
+
+* **Atomic.** The whole folder is written under a hidden sibling name and swapped in with one
+  atomic step (:mod:`.files`); at every instant the path holds the complete old or the complete
+  new checkpoint, and a failed save removes what it wrote. A folder holding anything but a
+  qbayes checkpoint (another model, other files) is never replaced.
+* **Verified on load** before anything is built (:mod:`.validate`): every file regular and
+  size-checked, the weights, tokenizer files and metadata against their hashes, every field and
+  layer entry typed and in range, the model class a transformers model of a family qbayes
+  drives, the model first built on the ``meta`` device and every tensor compared with the
+  weights file's header in name, shape and dtype, scales finite and positive.
+* **Identical reloads**: the model comes back in the dtype it was quantized in.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError
-from .nn import QuantLinear, set_module
-from .spec import QuantSpec
+from ..errors import CheckpointError
+from ..nn import QuantLinear, set_module
+from ..spec import QuantSpec
+from . import files, validate
+from .files import check_free_space, check_out_dir, check_out_file
+from .validate import FLOAT_DTYPES, meta_digest
+
+log = logging.getLogger(__name__)
 
 FORMAT = "qbayes-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
 WEIGHTS = "model.safetensors"
 META = "qbayes.json"
-_FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
 
 
 def _sha256(path: Path) -> str:
@@ -59,69 +75,87 @@ def _storage_tensors(model: nn.Module, float_dtype: torch.dtype) -> dict[str, to
     return out
 
 
+def _float_dtypes(model: nn.Module) -> tuple[str, dict[str, str]]:
+    """The dtype of the model's float tensors outside packed layers, and the tensors that differ."""
+    quant_prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, QuantLinear))
+    dtypes = {k: t.dtype for k, t in model.state_dict().items()
+              if t.is_floating_point() and not k.startswith(quant_prefixes) and t.dtype in _DTYPE_NAMES}
+    counts: dict[torch.dtype, int] = {}
+    for d in dtypes.values():
+        counts[d] = counts.get(d, 0) + 1
+    main = max(counts, key=counts.get) if counts else torch.float32
+    return _DTYPE_NAMES[main], {k: _DTYPE_NAMES[d] for k, d in dtypes.items() if d != main}
+
+
 def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write ``model`` (after :func:`qbayes.quantize_`) to ``out_dir``; returns the folder."""
+    """Write ``model`` (after :func:`qbayes.quantize_`) to ``out_dir`` atomically; returns the folder.
+
+    ``out_dir`` may be new, an empty folder or an earlier qbayes checkpoint (replaced whole); a
+    folder holding anything else is refused before anything is written."""
     from safetensors.torch import save_file
 
     cfg = getattr(model, "qbayes_config", None)
     if cfg is None:
         raise CheckpointError("this model was not quantized by qbayes.quantize_ (it has no qbayes_config)")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    float_dtype = _FLOAT_DTYPES[cfg.get("float_dtype", "float16")]
+    check_out_dir(out, force=True, meta_name=META, fmt=FORMAT, own_files=own_files(out))
+    float_dtype = FLOAT_DTYPES[cfg.get("float_dtype", "float16")]
     tensors = _storage_tensors(model, float_dtype)
+    model_dtype, tensor_dtypes = _float_dtypes(model)
     layers = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             layers[name] = {**m.spec.to_dict(), "in_features": m.in_features, "out_features": m.out_features,
                             "bias": m.bias is not None, **{k: v for k, v in cfg["layers"].get(name, {}).items()
                                                             if k not in QuantSpec.__dataclass_fields__}}
-    tmp_w = out / (WEIGHTS + ".tmp")
-    tmp_m = out / (META + ".tmp")
-    try:
-        save_file(tensors, str(tmp_w), metadata={"format": FORMAT})
+    with files.atomic_folder(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        stored = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != WEIGHTS}
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model_class": type(model).__name__,
             "model_config": model.config.to_dict() if hasattr(model, "config") else None,
+            "model_dtype": model_dtype,
+            "tensor_dtypes": tensor_dtypes,
             "method": cfg.get("method"),
             "options": cfg.get("options", {}),
             "float_dtype": cfg.get("float_dtype", "float16"),
             "quantize_seconds": cfg.get("quantize_seconds"),
             "layers": layers,
             **({"allocation": cfg["allocation"]} if "allocation" in cfg else {}),  # mixed precision: how bits were chosen
-            "sha256": _sha256(tmp_w),
+            "sha256": _sha256(tmp / WEIGHTS),
+            "files": stored,
             **(extra or {}),
         }
-        tmp_m.write_text(json.dumps(meta, indent=1, default=str))
-        os.replace(tmp_w, out / WEIGHTS)
-        os.replace(tmp_m, out / META)
-    finally:
-        for t in (tmp_w, tmp_m):
-            t.unlink(missing_ok=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        meta = json.loads(json.dumps(meta, default=str))  # what a reader parses is what the digest covers
+        meta[validate.META_HASH] = meta_digest(meta)
+        (tmp / META).write_text(json.dumps(meta, indent=1))
     return out
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The checked ``qbayes.json`` of a checkpoint folder."""
+def own_files(folder: Path) -> frozenset[str]:
+    """The files a checkpoint in ``folder`` consists of (what replacing it may delete)."""
+    names = {META, WEIGHTS} | files.TOKENIZER_FILES
+    try:
+        listed = json.loads((folder / META).read_text(encoding="utf-8")).get("files", {})
+        names |= set(listed) if isinstance(listed, dict) else set()
+    except (OSError, ValueError, AttributeError, RecursionError):
+        pass
+    return frozenset(names)
+
+
+def read_metadata(path: str | Path, verify: bool = True) -> dict:
+    """The checked ``qbayes.json`` of a checkpoint folder (types, ranges and, with ``verify``, its hash)."""
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p} is not a folder: a qbayes checkpoint is a folder with {META} and {WEIGHTS}")
     mp = p / META
-    if not mp.exists():
+    if not mp.exists() and not mp.is_symlink():
         raise CheckpointError(f"{p} has no {META}: it is not a qbayes checkpoint (was it saved with save_quantized?)")
-    try:
-        meta = json.loads(mp.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{mp} is not valid JSON ({e}): the checkpoint is corrupt") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{mp} is not qbayes metadata (format is {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{p} has format version {meta.get('format_version')!r}; this qbayes reads version {FORMAT_VERSION}")
-    return meta
+    return validate.check_metadata(files.read_json(mp, "metadata"), mp, FORMAT, READS_VERSIONS, verify)
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify: bool = True,
@@ -131,41 +165,46 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify:
     A transformers model is rebuilt from the recorded class and config. Any other model (a plain
     ``nn.Module`` such as a CNN) needs ``model``: a float instance of the same architecture,
     whose layers are swapped for the packed ones and whose tensors are overwritten in place.
+    ``verify=False`` skips the hashes (not the structural checks).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     p = Path(path)
-    meta = read_metadata(p)
+    meta = read_metadata(p, verify)
     wp = p / WEIGHTS
-    if not wp.exists():
-        raise CheckpointError(f"{p} has no {WEIGHTS}")
-    if verify and _sha256(wp) != meta.get("sha256"):
-        raise CheckpointError(f"{wp} does not match the hash recorded in {META}: the file is corrupt or truncated")
+    header, _ = files.safetensors_header(wp)
+    if verify:
+        if _sha256(wp) != meta["sha256"]:
+            raise CheckpointError(f"{wp} does not match the hash recorded in {META}: the file is corrupt or truncated")
+        _verify_files(p, meta)
+
+    if model is None:
+        cfg = meta["model_config"]
+        if not cfg:
+            raise CheckpointError(f"the checkpoint holds a {meta['model_class']}, which is not a transformers model: "
+                                  "pass load_quantized(path, model=<a float instance of that architecture>)")
+        from ..models import BLOCK_PATHS, ENCODER_PATHS
+        validate.check_config(cfg, len(header), p)
+        cls = validate.model_class(meta["model_class"], cfg, set(BLOCK_PATHS) | set(ENCODER_PATHS), p)
+        skeleton = validate.build_model(cls, cfg, p, device="meta")
+        _swap_layers(skeleton, meta, p, device="meta")
+        validate.check_against_header(skeleton, header, lambda k: _is_tied(skeleton, k), p)
+        del skeleton
+        model = validate.build_model(cls, cfg, p)
+    elif type(model).__name__ != meta["model_class"]:
+        raise CheckpointError(f"{p} holds a {meta['model_class']}, not a {type(model).__name__}")
+    _swap_layers(model, meta, p)
+    validate.check_against_header(model, header, lambda k: _is_tied(model, k), p)
     try:
         tensors = load_file(str(wp), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {wp}: {e}") from e
-
-    if model is None:
-        model = _build_model(meta)
-    elif type(model).__name__ != meta.get("model_class"):
-        raise CheckpointError(f"{p} holds a {meta.get('model_class')}, not a {type(model).__name__}")
-    mods = dict(model.named_modules())
-    for name, info in meta["layers"].items():
-        if name not in mods:
-            raise CheckpointError(f"{p}: the model has no layer {name!r} to hold the packed weights")
-        spec = QuantSpec.from_dict(info)
-        set_module(model, name, QuantLinear(info["in_features"], info["out_features"], spec, bias=info["bias"]))
+    validate.check_values(tensors, meta["layers"], p)
+    _restore_dtypes(model, meta)
     state = model.state_dict()
-    missing = [k for k in state if k not in tensors and not _is_tied(model, k)]
-    unexpected = [k for k in tensors if k not in state]
-    if missing or unexpected:
-        raise CheckpointError(f"{wp} does not fit its model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         for k, t in tensors.items():
-            if state[k].shape != t.shape:
-                raise CheckpointError(f"{wp}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(state[k].shape)}")
             state[k].copy_(t.to(state[k].dtype))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -177,8 +216,55 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify:
     tok = None
     if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
+        for name in files.TOKENIZER_FILES:
+            if (p / name).exists() or (p / name).is_symlink():
+                files.regular_file(p / name, "tokenizer file", files.MAX_META_BYTES)
         tok = AutoTokenizer.from_pretrained(p)
     return model, tok
+
+
+def _verify_files(p: Path, meta: dict) -> None:
+    listed = meta.get("files", {})
+    if not isinstance(listed, dict):
+        raise CheckpointError(f"{p / META}: field 'files' must map file names to hashes")
+    for name, digest in listed.items():
+        if not isinstance(name, str) or "/" in name or name in (".", "..") or not isinstance(digest, str):
+            raise CheckpointError(f"{p / META}: the file entry {name!r} is malformed")
+        files.regular_file(p / name, "tokenizer file", files.MAX_META_BYTES)
+        if _sha256(p / name) != digest:
+            raise CheckpointError(f"{p / name} does not match the hash recorded in {META}: corrupt or edited")
+
+
+def _swap_layers(model: nn.Module, meta: dict, p: Path, device=None) -> None:
+    mods = dict(model.named_modules())
+    for name, info in meta["layers"].items():
+        lin = mods.get(name)
+        if not isinstance(lin, (nn.Linear, QuantLinear)):
+            raise CheckpointError(f"{p}: the model has no linear layer {name!r} to hold the packed weights")
+        if (lin.in_features, lin.out_features) != (info["in_features"], info["out_features"]):
+            raise CheckpointError(f"{p}: layer {name!r} is recorded as {info['in_features']}->{info['out_features']} "
+                                  f"but the model's is {lin.in_features}->{lin.out_features}")
+        spec = validate.check_layer_entry(name, info, p)
+        set_module(model, name, QuantLinear(info["in_features"], info["out_features"], spec, bias=info["bias"],
+                                            device=device))
+
+
+def _restore_dtypes(model: nn.Module, meta: dict) -> None:
+    """Cast the float tensors outside packed layers back to the dtypes they had when saved."""
+    main = FLOAT_DTYPES[meta.get("model_dtype", "float32")]
+    special = {k: FLOAT_DTYPES[v] for k, v in meta.get("tensor_dtypes", {}).items()}
+    quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    saved = set(model.state_dict())  # non-persistent buffers (rotary tables) stay as the model builds them
+    for mname, mod in model.named_modules():
+        if mname in quant or any(mname.startswith(q + ".") for q in quant):
+            continue
+        for attr, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            key = f"{mname}.{attr}" if mname else attr
+            if t is None or not t.is_floating_point() or key not in saved:
+                continue
+            want = special.get(key, main)
+            if t.dtype != want:
+                t.data = t.data.to(want)
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:
@@ -186,24 +272,11 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     return bool(getattr(cfg, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")
 
 
-def _build_model(meta: dict) -> nn.Module:
-    import transformers
-
-    cfg_dict = meta.get("model_config")
-    cls_name = meta.get("model_class")
-    if not cfg_dict:
-        raise CheckpointError(f"the checkpoint holds a {cls_name}, which is not a transformers model: pass "
-                              "load_quantized(path, model=<a float instance of that architecture>)")
-    if not cls_name or not hasattr(transformers, cls_name):
-        raise CheckpointError(f"checkpoint names an unknown model class {cls_name!r}")
-    cfg_dict = {k: v for k, v in cfg_dict.items() if k != "quantization_config"}
-    config = transformers.AutoConfig.for_model(**cfg_dict)
-    config.use_cache = False
-    cls = getattr(transformers, cls_name)
-    return cls(config).float()
-
-
 def checkpoint_bytes(path: str | Path) -> int:
     """Bytes of the weights and metadata (tokenizer files excluded)."""
     p = Path(path)
     return sum((p / f).stat().st_size for f in (WEIGHTS, META) if (p / f).exists())
+
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "META", "WEIGHTS", "check_free_space", "check_out_dir", "check_out_file", "checkpoint_bytes", "meta_digest",
+           "load_quantized", "own_files", "read_metadata", "save_quantized"]

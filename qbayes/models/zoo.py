@@ -33,15 +33,29 @@ MINILM_NAME = "all-minilm-l6-v2"
 
 def load_pretrained(auto_class: str, path_or_id: str, dtype=None):
     """``(model in eval mode, tokenizer)`` from a local Hugging Face folder (or a hub id), with
-    transformers' ``auto_class`` (``"AutoModelForCausalLM"``, ``"AutoModel"``, ...)."""
+    transformers' ``auto_class`` (``"AutoModelForCausalLM"``, ``"AutoModel"``, ...).
+
+    A weights file that lacks tensors the architecture needs (they would be left at their random
+    initialisation), holds tensors it does not use, or holds them at other shapes is refused with
+    the list: quantizing such a model would give a silently wrong result."""
     import torch
     import transformers
 
     try:
-        model = getattr(transformers, auto_class).from_pretrained(path_or_id, dtype=dtype or torch.float32)
+        model, info = getattr(transformers, auto_class).from_pretrained(
+            path_or_id, dtype=dtype or torch.float32, output_loading_info=True, ignore_mismatched_sizes=True)
         tok = transformers.AutoTokenizer.from_pretrained(path_or_id)
-    except OSError as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise QBayesError(f"cannot load model {path_or_id!r}: {e}") from e
+    problems = {what: sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+                for what, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                                  ("at the wrong shape", "mismatched_keys"))}
+    bad = {what: keys for what, keys in problems.items() if keys}
+    if bad:
+        listed = "; ".join(f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
+                           for what, keys in bad.items())
+        raise QBayesError(f"the weights of {path_or_id!r} do not fit its {type(model).__name__} architecture "
+                          f"({listed}); fix or re-export the model folder before quantizing it")
     return model.eval(), tok
 
 

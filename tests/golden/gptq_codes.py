@@ -5,7 +5,8 @@ Made with ``python tests/golden/gptq_codes.py --write``; the numbers equal, bit 
 machine. ``tests/test_golden_codes.py`` recomputes them with the current code and compares.
 
 Bit-identity is required on a CPU with the arithmetic the file was made with (the same
-``torch.backends.cpu.get_cpu_capability()`` and architecture, recorded in the file): there no change
+``torch.backends.cpu.get_cpu_capability()``, architecture and CPU model, recorded in the file: the
+file was made on an "AMD EPYC"; an Intel AVX-512 Xeon differs from it in block 1): there no change
 is a rounding accident. A CPU with other SIMD widths sums a matmul in another order, so the
 block-1 Hessians differ in their last bits, a few codes that sit on a rounding boundary flip, and
 the MSE clip search and the act-order column sort (both arg-min/sort over near ties) can then take
@@ -70,10 +71,20 @@ def compute(case: str, **override) -> dict[str, torch.Tensor]:
 
 
 def machine() -> str:
-    """The arithmetic a CPU run of the solvers depends on: architecture and SIMD capability."""
+    """The arithmetic a CPU run of the solvers depends on: architecture, SIMD capability and the
+    CPU model (the BLAS picks its kernels by vendor and model too: an Intel and an AMD AVX-512 CPU
+    give different last bits in block 1)."""
     import platform
 
-    return f"{platform.machine()}/{torch.backends.cpu.get_cpu_capability()}"
+    name = platform.processor() or "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}/{torch.backends.cpu.get_cpu_capability()}/{name}"
 
 
 def first_block(name: str) -> bool:
