@@ -132,10 +132,11 @@ def test_failed_save_keeps_the_old_checkpoint(saved, calib_ids, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr("safetensors.torch.save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full.*intact"):
         save_quantized(m, saved)
     assert (saved / qio.WEIGHTS).read_bytes() == before[0] and (saved / qio.META).read_text() == before[1]
     assert sorted(p.name for p in saved.iterdir() if p.name.endswith(".tmp")) == []
+    assert not [p for p in saved.parent.iterdir() if ".qbayes-partial-" in p.name]
     load_quantized(saved)
 
 

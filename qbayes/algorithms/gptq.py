@@ -21,6 +21,7 @@ where ``U`` is the upper Cholesky factor of :math:`H^{-1}` (with ``H`` damped by
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -50,6 +51,10 @@ def gptq(
     Computation runs in ``H``'s dtype (float32, or float64 for reference checks).
     """
     check_weight(W, spec)
+    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp > 0):
+        raise QBayesError(f"GPTQ damp must be a finite number > 0 (a fraction of mean diag H, e.g. 0.01), not {damp!r}")
+    if not (isinstance(block_size, int) and block_size >= 1):
+        raise QBayesError(f"GPTQ block_size must be a positive integer, not {block_size!r}")
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise QBayesError(f"H has shape {tuple(H.shape)}, expected ({cols}, {cols})")

@@ -69,11 +69,7 @@ def _quantize(args) -> int:
     if record is not None:
         model.qbayes_config["allocation"] = record
 
-    try:
-        save_quantized(model, out, tokenizer=tok, extra={"source_model": str(model_path)})
-    except OSError as e:
-        raise QBayesError(f"cannot write the checkpoint to {out} ({e.strerror or e}); nothing was written there "
-                          "and an older checkpoint at that path is intact") from e
+    save_quantized(model, out, tokenizer=tok, extra={"source_model": str(model_path)})
     size_mb = checkpoint_bytes(out) / 1e6
     if windows is not None:
         print("evaluating quantized perplexity")

@@ -86,7 +86,7 @@ def sentence_lines(path: str | Path, min_words: int = 8) -> list[str]:
         if s and not (s.startswith("=") and s.endswith("=")) and len(s.split()) >= min_words:
             out.append(s)
     if not out:
-        raise CalibrationError(f"{p} has no line of at least {min_words} words")
+        raise CalibrationError(f"{path} has no line of at least {min_words} words")
     return out
 
 

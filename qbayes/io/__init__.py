@@ -76,9 +76,12 @@ def _storage_tensors(model: nn.Module, float_dtype: torch.dtype) -> dict[str, to
 
 
 def _float_dtypes(model: nn.Module) -> tuple[str, dict[str, str]]:
-    """The dtype of the model's float tensors outside packed layers, and the tensors that differ."""
+    """The dtype of the model's float tensors outside packed layers (non-persistent buffers such as
+    rotary tables included: a model cast with ``.to`` has them in its dtype, one built in a dtype may
+    not), and the tensors that differ from it."""
     quant_prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, QuantLinear))
-    dtypes = {k: t.dtype for k, t in model.state_dict().items()
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    dtypes = {k: t.dtype for k, t in tensors
               if t.is_floating_point() and not k.startswith(quant_prefixes) and t.dtype in _DTYPE_NAMES}
     counts: dict[torch.dtype, int] = {}
     for d in dtypes.values():
@@ -92,7 +95,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra:
 
     ``out_dir`` may be new, an empty folder or an earlier qbayes checkpoint (replaced whole); a
     folder holding anything else is refused before anything is written."""
-    from safetensors.torch import save_file
+    from safetensors import SafetensorError
 
     cfg = getattr(model, "qbayes_config", None)
     if cfg is None:
@@ -108,6 +111,17 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra:
             layers[name] = {**m.spec.to_dict(), "in_features": m.in_features, "out_features": m.out_features,
                             "bias": m.bias is not None, **{k: v for k, v in cfg["layers"].get(name, {}).items()
                                                             if k not in QuantSpec.__dataclass_fields__}}
+    try:
+        _write(out, tensors, tokenizer, model, cfg, layers, model_dtype, tensor_dtypes, extra)
+    except (OSError, SafetensorError) as e:  # a full disk, a file-size limit, a vanished folder
+        raise CheckpointError(f"cannot write the checkpoint to {out} ({e}); nothing was written there and an older "
+                              "checkpoint at that path is intact") from e
+    return out
+
+
+def _write(out, tensors, tokenizer, model, cfg, layers, model_dtype, tensor_dtypes, extra) -> None:
+    from safetensors.torch import save_file
+
     with files.atomic_folder(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         if tokenizer is not None:
@@ -133,7 +147,6 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra:
         meta = json.loads(json.dumps(meta, default=str))  # what a reader parses is what the digest covers
         meta[validate.META_HASH] = meta_digest(meta)
         (tmp / META).write_text(json.dumps(meta, indent=1))
-    return out
 
 
 def own_files(folder: Path) -> frozenset[str]:
@@ -171,6 +184,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify:
     from safetensors.torch import load_file
 
     p = Path(path)
+    files.remove_stale_partials(p)  # left beside it by a save that was killed
     meta = read_metadata(p, verify)
     wp = p / WEIGHTS
     header, _ = files.safetensors_header(wp)
@@ -254,13 +268,12 @@ def _restore_dtypes(model: nn.Module, meta: dict) -> None:
     main = FLOAT_DTYPES[meta.get("model_dtype", "float32")]
     special = {k: FLOAT_DTYPES[v] for k, v in meta.get("tensor_dtypes", {}).items()}
     quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    saved = set(model.state_dict())  # non-persistent buffers (rotary tables) stay as the model builds them
     for mname, mod in model.named_modules():
         if mname in quant or any(mname.startswith(q + ".") for q in quant):
             continue
         for attr, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             key = f"{mname}.{attr}" if mname else attr
-            if t is None or not t.is_floating_point() or key not in saved:
+            if t is None or not t.is_floating_point():
                 continue
             want = special.get(key, main)
             if t.dtype != want:

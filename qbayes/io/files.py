@@ -7,7 +7,7 @@ A save writes the whole checkpoint into a hidden sibling folder
 ``rename`` when the path is new, an exchange of the two folders (Linux ``renameat2`` with
 ``RENAME_EXCHANGE``) when it replaces an older checkpoint. At every instant the path holds the
 complete old or the complete new checkpoint. The partial folder is removed on any error; one
-left by a killed process (its pid no longer runs) is removed by the next save to that path.
+left by a killed process (its pid no longer runs) is removed by the next save or load of that path.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def read_json(path: Path, what: str) -> object:
     regular_file(path, what, MAX_META_BYTES)
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: bad UTF-8, bad JSON, an integer of > 4300 digits
         raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:120]}): the checkpoint "
                               "is corrupt") from None
 
@@ -78,7 +78,7 @@ def safetensors_header(path: Path) -> tuple[dict, dict]:
         head = f.read(n)
     try:
         index = json.loads(head.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         raise CheckpointError(f"{path} has an unreadable safetensors header: corrupt or truncated") from None
     if not isinstance(index, dict):
         raise CheckpointError(f"{path} has a malformed safetensors header")
@@ -147,15 +147,21 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_partials(out: Path) -> None:
-    """Remove partial folders of ``out`` left by saves whose process no longer runs."""
+    """Remove partial folders of ``out`` left by saves whose process no longer runs; where such a
+    save died between the two renames of the non-atomic fallback (``out`` gone, the old checkpoint
+    set aside as ``...-old``), put the old checkpoint back first."""
     prefix = f".{out.name}{PARTIAL}"
     if not out.parent.is_dir():
         return
-    for p in out.parent.iterdir():
+    for p in sorted(out.parent.iterdir()):
         if p.name.startswith(prefix):
             pid = p.name[len(prefix):].split("-")[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
+                if p.name.endswith("-old") and not out.exists():
+                    os.rename(p, out)
+                    log.warning("restored %s, set aside by a save that was killed", out)
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
 
 
 @contextmanager

@@ -33,6 +33,7 @@ ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
              torch.bool: "BOOL"}
 MAX_DIM = 1 << 24        # in/out features of a layer, any "*_size" or "num_*" config value
 MAX_DEPTH = 32           # nesting of the model config
+MAX_SCALE = 1e6          # a group step above this means weights beyond ~1e7: no trained network has them
 
 
 def meta_digest(meta: dict) -> str:
@@ -195,8 +196,9 @@ def check_values(tensors: dict, layers: dict, path) -> None:
     """Scales finite and positive; every float tensor finite."""
     for name in layers:
         s = tensors.get(f"{name}.scales")
-        if s is not None and not (torch.isfinite(s).all() and (s > 0).all()):
-            raise CheckpointError(f"{path}: layer {name} has scales that are not finite and positive: corrupt")
+        if s is not None and not (torch.isfinite(s).all() and (s > 0).all() and (s <= MAX_SCALE).all()):
+            raise CheckpointError(f"{path}: layer {name} has scales that are not finite, positive and at most "
+                                  f"{MAX_SCALE:g}: the checkpoint is corrupt or forged")
     for k, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"{path}: tensor {k} holds NaN or Inf values")
