@@ -134,3 +134,14 @@ def test_invalid_batch_size_is_refused(batch_size, calib_ids):
     from .conftest import tiny_llama
     with pytest.raises(QBayesError, match="batch"):
         quantize_(tiny_llama(), QuantSpec(4, 32), "gptq", calib_ids, progress=False, batch_size=batch_size)
+
+
+def test_a_full_disk_is_refused_before_quantizing(model_dir, tmp_path, capsys, monkeypatch):
+    import collections
+    import shutil as sh
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    assert _quantize(model_dir, tmp_path / "q") == 2
+    err = capsys.readouterr().err
+    assert "MB free" in err and "free some space" in err
+    assert not (tmp_path / "q").exists()

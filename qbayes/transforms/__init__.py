@@ -1,0 +1,13 @@
+"""Function-preserving rewrites applied before quantizing: each returns what it changed and
+leaves the float model's outputs unchanged (tests check 1e-5 relative).
+
+* :func:`fold_batchnorm` (``bnfold``): batch norms merged into the conv/linear before them;
+* :func:`equalize` (``cle``): cross-layer equalisation of weight ranges (ReLU- and ReLU6-aware).
+"""
+from .bn_fold import fold_batchnorm
+from .cle import equalize
+from .graph import Chain, ChannelClip, chains
+
+TRANSFORMS = {"bnfold": fold_batchnorm, "cle": equalize}
+
+__all__ = ["TRANSFORMS", "Chain", "ChannelClip", "chains", "equalize", "fold_batchnorm"]
