@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, write_results  # noqa: E402
+from common import RESULTS, ROOT, machine, provenance, write_results  # noqa: E402
 
 # (method, bits, group_size, format); group -1 = per-channel
 CONFIGS = ([("fp32", None, None, "int")]
@@ -113,7 +113,7 @@ def markdown(res: dict) -> str:
     if "gptq_w4g64_timing" in res:
         t = res["gptq_w4g64_timing"]
         lines += ["", f"GPTQ W4 g64 quantization wall time over {len(t['runs'])} runs: median {t['median_s']:.1f} s "
-                      f"(runs: {', '.join(f'{x:.1f}' for x in t['runs'])}); the reference library took 260–280 s on this machine."]
+                      f"(runs: {', '.join(f'{x:.1f}' for x in t['runs'])}); the reference library took 260–280 s on the 2-core machine of issue 2's time."]
     lines += ["", "Reference GPTQ: " + json.loads(REFERENCE_FILE.read_text())["provenance"]]
     return "\n".join(lines) + "\n"
 
@@ -178,7 +178,8 @@ def main() -> None:
     runs = [main_row["quantize_s"]] + [_spawn(("gptq", 4, 64, "int"))["quantize_s"]
                                        for _ in range(max(0, a.timing_repeats - 1))]
     res["gptq_w4g64_timing"] = {"runs": runs, "median_s": statistics.median(runs)}
-    write_results("llm_ptq", res, markdown(res))
+    res = {**provenance(), **res}  # the Markdown names the commit and command too
+    write_results("llm_ptq", res, markdown(res), provenance_of={k: res[k] for k in ("commit", "command", "date")})
     print(markdown(res))
 
 

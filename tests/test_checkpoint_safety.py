@@ -225,3 +225,15 @@ def test_without_an_atomic_exchange_a_killed_swap_is_repaired(saved, monkeypatch
     path.rename(aside)  # the state right after the first rename
     assert torch.equal(_logits(load_quantized(path)[0]), ref)
     assert not aside.exists()
+
+
+def test_saving_over_a_link_to_a_checkpoint_keeps_the_target(saved, tmp_path):
+    path, ref = saved
+    link = tmp_path / "link"
+    link.symlink_to(path, target_is_directory=True)
+    m = tiny_llama(seed=3)
+    quantize_(m, QuantSpec(4, 32), "rtn", progress=False)
+    save_quantized(m, link)
+    assert not link.is_symlink() and torch.equal(_logits(load_quantized(link)[0]), _logits(m))
+    assert torch.equal(_logits(load_quantized(path)[0]), ref)  # the old target is untouched
+    assert not [p for p in tmp_path.iterdir() if ".qbayes-partial-" in p.name]

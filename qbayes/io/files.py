@@ -185,7 +185,10 @@ def atomic_folder(out: Path):
             shutil.rmtree(old, ignore_errors=True)
         # after an exchange ``tmp`` holds the old checkpoint, removed below
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_symlink():  # ``out`` was a link to a folder: the link is replaced, its target kept
+            tmp.unlink()
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_checkpoint(folder: Path, meta_name: str, fmt: str) -> bool:
