@@ -102,3 +102,75 @@ class QuantSpec:
             return f"{self.format.upper()} {self.granularity} ({self.clip})"
         kind = "sym" if self.symmetric else "asym"
         return f"W{self.bits} {self.granularity} {kind} ({self.clip})"
+
+
+ACT_GRANULARITIES = ("per-tensor", "per-token", "per-channel")
+#: how a static range is calibrated (see :mod:`qbayes.observers`)
+OBSERVERS = ("minmax", "ema", "percentile", "mse", "entropy")
+ACT_FORMATS = ("int", "log2", "logsqrt2")
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """How activations (the inputs of a layer, or an attention matmul operand) are quantized.
+
+    Args:
+        bits: code width, 2..8.
+        granularity: ``"per-tensor"`` (one range), ``"per-token"`` (one range per row: every
+            dimension but the last; dynamic only) or ``"per-channel"`` (one range per channel:
+            the last dimension of a linear's input, dimension 1 of a convolution's).
+        dynamic: ranges computed from each input at run time instead of calibrated once.
+        symmetric: zero-point fixed at ``2^(bits-1)`` (signed codes) instead of fitted.
+        observer: how a static range is calibrated: ``"minmax"``, ``"ema"`` (moving average of
+            per-batch min/max), ``"percentile"``, ``"mse"`` (expected Lp error search) or
+            ``"entropy"`` (KL divergence, as in TensorRT); the last three per-tensor only.
+        format: ``"int"`` (affine codes) or ``"log2"`` / ``"logsqrt2"`` (logarithmic codes for
+            non-negative values such as softmax outputs, per-tensor).
+        percentile: the upper percentile kept by the ``"percentile"`` observer.
+        norm: the error exponent of the ``"mse"`` observer (2 = mean squared error).
+    """
+
+    bits: int = 8
+    granularity: str = "per-tensor"
+    dynamic: bool = False
+    symmetric: bool = False
+    observer: str = "minmax"
+    format: str = "int"
+    percentile: float = 99.99
+    norm: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
+            raise QBayesError(f"unsupported activation bit-width {self.bits!r}: choose an integer from 2 to 8")
+        for field, value, choices in (("granularity", self.granularity, ACT_GRANULARITIES),
+                                      ("observer", self.observer, OBSERVERS), ("format", self.format, ACT_FORMATS)):
+            if value not in choices:
+                raise QBayesError(f"unknown activation {field} {value!r}: choose one of {choices}")
+        if self.granularity == "per-token" and not self.dynamic:
+            raise QBayesError("per-token activation ranges change with every input: use dynamic=True "
+                              "(--act-dynamic), or per-tensor / per-channel static ranges")
+        if self.dynamic and self.observer != "minmax":
+            raise QBayesError(f"dynamic ranges are the min/max of each input; observer {self.observer!r} "
+                              "calibrates static ranges: leave observer='minmax' or set dynamic=False")
+        if self.observer in ("percentile", "mse", "entropy") and self.granularity != "per-tensor":
+            raise QBayesError(f"the {self.observer!r} observer calibrates one range per tensor: use "
+                              "granularity='per-tensor' or the 'minmax'/'ema' observer")
+        if self.format != "int" and (self.granularity != "per-tensor" or self.symmetric):
+            raise QBayesError(f"{self.format} activations take one per-tensor scale and no sign: "
+                              "use granularity='per-tensor', symmetric=False")
+        if not (isinstance(self.percentile, (int, float)) and 50.0 < self.percentile <= 100.0):
+            raise QBayesError(f"percentile must be in (50, 100], got {self.percentile!r}")
+        if not (isinstance(self.norm, (int, float)) and 0.5 <= self.norm <= 8.0):
+            raise QBayesError(f"the mse observer's norm must be in [0.5, 8], got {self.norm!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ActSpec":
+        names = ("bits", "granularity", "dynamic", "symmetric", "observer", "format", "percentile", "norm")
+        return cls(**{k: d[k] for k in names if k in d})
+
+    def __str__(self) -> str:
+        kind = "dynamic" if self.dynamic else f"static {self.observer}"
+        return f"A{self.bits} {self.format} {self.granularity} {kind} {'sym' if self.symmetric else 'asym'}"

@@ -14,11 +14,12 @@ ALLOWED = {
     "formats": {"errors"},
     "spec": {"formats", "errors"},
     "ranges": {"formats", "spec", "errors"},
+    "observers": {"formats", "spec", "errors"},  # activation ranges: the streaming sibling of ranges
     "curvature": {"errors"},
     "algorithms": {"formats", "ranges", "spec", "curvature", "errors"},
     "kernels": {"formats", "paths", "errors"},
     "transforms": {"nn", "formats", "errors"},  # rewrites of float modules (nn: module surgery)
-    "nn": {"formats", "kernels", "spec", "errors"},
+    "nn": {"formats", "kernels", "spec", "observers", "errors"},
     # the model seam: everything that runs a model (calibration, criteria, posteriors) goes through it
     "models": {"nn", "curvature", "formats", "spec", "paths", "errors"},
     "calibrate": {"algorithms", "curvature", "models", "nn", "formats", "spec", "errors"},

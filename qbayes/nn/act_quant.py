@@ -1,0 +1,117 @@
+r"""Activation quantizers: :class:`ActQuant` fake-quantizes a tensor as an
+:class:`~qbayes.spec.ActSpec` says, and :func:`quantize_inputs` puts one in front of layers.
+
+A static quantizer first *observes* (it passes inputs through unchanged and feeds its observer),
+then :meth:`ActQuant.freeze` fixes ``scale``/``zero`` (saved with the module's state dict) and it
+quantizes from then on. A dynamic one computes the range of every input it sees (per tensor,
+per token — each row over the last dimension — or per channel). Integer codes follow the
+weight formats' affine rule, ``x̂ = s (clamp(⌊x/s⌉ + z, 0, 2^b − 1) − z)``; the log formats
+follow :mod:`qbayes.formats.log2`. Gradients pass straight through the rounding.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import QBayesError
+from ..formats import fake_quantize, params_from_range
+from ..formats.log2 import log_fake_quantize
+from ..observers import act_params, make_observer
+from ..spec import ActSpec
+
+
+class ActQuant(nn.Module):
+    """Fake-quantizer for one activation tensor.
+
+    Args:
+        spec: the activation format.
+        channel_axis: the channel dimension for per-channel ranges (``-1`` for a linear's input,
+            ``1`` for a convolution's).
+    """
+
+    def __init__(self, spec: ActSpec, channel_axis: int = -1):
+        super().__init__()
+        if not isinstance(spec, ActSpec):
+            raise QBayesError(f"ActQuant takes an ActSpec, got {type(spec).__name__}")
+        self.spec, self.channel_axis = spec, channel_axis
+        self.observer = None if spec.dynamic else make_observer(spec, channel_axis)
+        self.register_buffer("scale", None)
+        self.register_buffer("zero", None)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.spec.dynamic or self.scale is not None
+
+    def freeze(self) -> None:
+        """Fix the static range from what the observer saw (raises if it saw nothing)."""
+        if self.spec.dynamic:
+            return
+        self.scale, self.zero = act_params(*self.observer.range(), self.spec)
+        self.observer = None
+
+    def params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero)`` broadcastable against ``x`` (computed from ``x`` when dynamic)."""
+        spec = self.spec
+        if not spec.dynamic:
+            if self.scale is None:
+                raise QBayesError("this activation quantizer is not calibrated: observe calibration batches and "
+                                  "call freeze() (qbayes.calibrate_activations does both)")
+            return self._shaped(self.scale, x), self._shaped(self.zero, x)
+        xd = x.detach()
+        if spec.format != "int":
+            return xd.amax().clamp(min=torch.finfo(torch.float32).tiny), torch.zeros((), device=x.device)
+        if spec.granularity == "per-token":
+            lo, hi = xd.amin(-1, keepdim=True), xd.amax(-1, keepdim=True)
+        elif spec.granularity == "per-channel":
+            axis = self.channel_axis % x.dim()
+            dims = [d for d in range(x.dim()) if d != axis]
+            lo, hi = xd.amin(dims, keepdim=True), xd.amax(dims, keepdim=True)
+        else:
+            lo, hi = xd.amin(), xd.amax()
+        return params_from_range(lo.float(), hi.float(), spec.bits, spec.symmetric, None)
+
+    def _shaped(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0:
+            return t
+        shape = [1] * x.dim()
+        shape[self.channel_axis % x.dim()] = t.numel()
+        return t.view(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.spec.dynamic and self.scale is None:
+            self.observer.update(x)
+            return x
+        s, z = self.params(x)
+        if self.spec.format == "int":
+            q = fake_quantize(x.detach().float(), s, z, self.spec.bits)
+        else:
+            q = log_fake_quantize(x.detach().float(), s, self.spec.bits, self.spec.format)
+        return x + (q.to(x.dtype) - x).detach()  # straight-through gradient
+
+    def extra_repr(self) -> str:
+        return f"{self.spec}, calibrated={self.calibrated}"
+
+
+def _pre_hook(module: nn.Module, args):
+    return (module.input_quant(args[0]), *args[1:])
+
+
+def quantize_inputs(model: nn.Module, names, spec: ActSpec) -> dict[str, ActQuant]:
+    """Quantize the first input of each named ``nn.Linear`` / ``nn.Conv2d`` of ``model``.
+
+    The quantizer becomes the layer's child ``input_quant`` (so its scale is in the state dict)
+    and runs in a forward pre-hook. Returns ``{name: quantizer}``.
+    """
+    mods = dict(model.named_modules())
+    out = {}
+    for name in names:
+        layer = mods.get(name)
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)) and not hasattr(layer, "in_features"):
+            raise QBayesError(f"{name!r} is not a Linear or Conv2d layer of the model: activation quantization "
+                              "points go in front of linear and convolution layers")
+        if hasattr(layer, "input_quant"):
+            raise QBayesError(f"{name!r} already has an input quantizer")
+        layer.input_quant = ActQuant(spec, channel_axis=1 if isinstance(layer, nn.Conv2d) else -1)
+        layer._input_quant_hook = layer.register_forward_pre_hook(_pre_hook)
+        out[name] = layer.input_quant
+    return out
