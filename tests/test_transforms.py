@@ -1,6 +1,5 @@
 """Function-preserving rewrites (issue 14): batch-norm folding and cross-layer equalisation leave a
 MobileNetV2-style network's outputs unchanged, and equalisation gives each pair equal ranges."""
-import copy
 
 import pytest
 import torch
