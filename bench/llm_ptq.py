@@ -154,6 +154,7 @@ def main() -> None:
     if a.only:
         print(json.dumps(_spawn(_parse(a.only)), indent=1))
         return
+    prov = provenance()  # the commit the run starts at (rows run in child processes while HEAD may move)
     rows = []
     for cfg in CONFIGS:
         r = _spawn(cfg)
@@ -178,8 +179,8 @@ def main() -> None:
     runs = [main_row["quantize_s"]] + [_spawn(("gptq", 4, 64, "int"))["quantize_s"]
                                        for _ in range(max(0, a.timing_repeats - 1))]
     res["gptq_w4g64_timing"] = {"runs": runs, "median_s": statistics.median(runs)}
-    res = {**provenance(), **res}  # the Markdown names the commit and command too
-    write_results("llm_ptq", res, markdown(res), provenance_of={k: res[k] for k in ("commit", "command", "date")})
+    res = {**prov, **res}  # the Markdown names the commit and command too
+    write_results("llm_ptq", res, markdown(res), provenance_of=prov)
     print(markdown(res))
 
 

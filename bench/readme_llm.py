@@ -34,8 +34,8 @@ def llm_ptq_timing(res: dict) -> str:
     peak_gib = math.ceil(max(r["peak_rss_mb"] for r in res["rows"]) / 1024 * 10) / 10
     return para(
         f"GPTQ W4 g64 quantization takes a median of {t['median_s']:.0f} s over {len(t['runs'])} runs "
-        f"({', '.join(f'{x:.1f}' for x in t['runs'])} s) on this {m['cores']}-core machine, where the reference "
-        f"library took {lo}–{hi} s; peak memory (RSS) stays under {peak_gib:.1f} GiB. The 4-bit g64 checkpoint is "
+        f"({', '.join(f'{x:.1f}' for x in t['runs'])} s) on a {m['cores']}-core {m['cpu']}; the reference "
+        f"library took {lo}–{hi} s on the 2-core machine it was measured on (issue 2's); peak memory (RSS) stays under {peak_gib:.1f} GiB. The 4-bit g64 checkpoint is "
         f"{w4['checkpoint_mb'] / fp32['checkpoint_mb']:.2f}× the fp32 one. Results: "
         "`bench/results/llm_ptq.{json,md}`; rerun with `make bench`.")
 
