@@ -15,11 +15,13 @@ from .calibrate import quantize_blocks
 from .errors import QBayesError
 from .formats import group_view
 from .models import ModelAdapter, adapter_for
-from .nn import DEFAULT_EXCLUDE, QuantLinear, set_module
+from .nn import DEFAULT_EXCLUDE, QuantLinear, packed_like, set_module, weight_matrix
 from .spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
+#: the layers ``quantize_`` packs (``QuantLinear`` / ``QuantConv2d``)
+LAYER_KINDS = (nn.Linear, nn.Conv2d)
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -35,9 +37,10 @@ def quantize_(
     batch_size: int = 8,
     progress: bool = True,
     head: QuantSpec | None = None,
+    convs: bool = False,
     **options,
 ) -> nn.Module:
-    """Quantize the linear layers of ``model`` in place and return it.
+    """Quantize the linear and convolution layers of ``model`` in place and return it.
 
     Args:
         model: a float model a :mod:`qbayes.models` adapter drives (a Hugging Face decoder LM
@@ -51,13 +54,15 @@ def quantize_(
             tensors (a tokenizer's output) or pixels for an encoder, a tensor of inputs or
             ``(x, y)`` batches for a plain module.
         include, exclude: glob patterns over qualified module names; by default every
-            ``nn.Linear`` inside the model's blocks except embeddings and ``lm_head``.
+            ``nn.Linear`` and ``nn.Conv2d`` inside the model's blocks except embeddings and ``lm_head``.
         float_dtype: precision kept by the parameters left in float (they are rounded to it
             here, so the saved checkpoint reloads bit-identically).
         batch_size: calibration sequences per forward pass.
         head: also pack the output head (``lm_head``, untying it from the input embeddings, which
             stay in float for the lookup) with this spec, by round-to-nearest. At batch 1 the
             head of a small LM is its largest single read per token.
+        convs: also quantize the ``nn.Conv2d`` layers (as ``QuantConv2d``; their weight matrix is
+            ``(out, in/groups · kh · kw)``, so a group size must divide that, or use -1 per channel).
         **options: solver options (GPTQ: ``act_order``, ``damp``, ``block_size``).
 
     The model gains a ``qbayes_config`` dict describing what was done (read by
@@ -72,7 +77,8 @@ def quantize_(
     spec_for = _spec_function(spec)
     adapter = adapter_for(model)
     model = adapter.model
-    selected = adapter.select(spec_for, include, exclude)
+    selected = adapter.select(spec_for, include, exclude, kinds=LAYER_KINDS if convs else (nn.Linear,))
+    _check_convs(selected)
     spec_for = _representable_scales(spec_for, selected)
     head_name = _check_head(adapter, head) if head is not None else None
 
@@ -86,8 +92,8 @@ def quantize_(
         report = {}
         for name, lin in tqdm(selected.items(), desc=f"{method.upper()} layers", disable=not progress):
             s = spec_for(name)
-            qw = solver.fn(lin.weight.detach(), None, s, **options)
-            set_module(model, name, QuantLinear.from_quantized(qw, s, lin.bias))
+            qw = solver.fn(weight_matrix(lin).detach(), None, s, **options)
+            set_module(model, name, packed_like(lin, qw, s))
             report[name] = {"bits": s.bits}
     if head_name is not None:
         lin = model.get_submodule(head_name)
@@ -111,11 +117,20 @@ def quantize_(
 
 
 def select_layers(model, spec, include: Iterable[str] | None = None,
-                  exclude: Iterable[str] | None = DEFAULT_EXCLUDE) -> dict[str, nn.Linear]:
+                  exclude: Iterable[str] | None = DEFAULT_EXCLUDE, convs: bool = False) -> dict[str, nn.Module]:
     """The linears ``quantize_`` would quantize, after checking that each one can be: raises a
     clear error for a layer that is not a linear, a group size that does not divide, or
     non-finite weights, before anything is changed (:meth:`qbayes.models.ModelAdapter.select`)."""
-    return adapter_for(model).select(_spec_function(spec), include, exclude)
+    return adapter_for(model).select(_spec_function(spec), include, exclude,
+                                     kinds=LAYER_KINDS if convs else (nn.Linear,))
+
+
+def _check_convs(selected: Mapping[str, nn.Module]) -> None:
+    for name, m in selected.items():
+        if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or m.padding not in ("valid",) and
+                                         isinstance(m.padding, str)):
+            raise QBayesError(f"{name}: convolutions are quantized with zero padding given as numbers, not "
+                              f"padding={m.padding!r} padding_mode={m.padding_mode!r}; exclude it or rebuild it")
 
 
 def _check_head(model, head) -> str:

@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 
 from .algorithms import Solver, layer_objective
 from .algorithms.float_targets import float_target_weight
-from .curvature import InputCrossMoment, collect
+from .curvature import InputCrossMoment, collect, grouped_conv_moment
 from .errors import CalibrationError
 from .formats import PER_TENSOR, QuantizedWeight
 from .models import adapter_for
-from .nn import QuantLinear, set_module
+from .nn import packed_like, set_module, weight_matrix
 from .spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,8 @@ def quantize_blocks(
     plans: dict[tuple, tuple] = {}
     options = dict(options)
     float_targets = bool(options.pop("float_targets", False))
+    if float_targets and any(isinstance(m, nn.Conv2d) for m in selected.values()):
+        raise CalibrationError("float_targets supports linear layers only: leave it off for models with convolutions")
     if float_targets and "damp" not in options:
         options["damp"] = inspect.signature(solver.fn).parameters["damp"].default
     with torch.no_grad():
@@ -154,19 +156,19 @@ def quantize_blocks(
                     f_stage_x, f_outputs = float_pass(block, f_inputs, stages, adapter.block_output)
 
                 def on_stage(k, xs):
-                    first = linears[stages[k][0]]  # the stage's shared input is what its first linear reads
-                    H = collect(adapter_for(first), {"x": first}, xs, want=("H",), stop_early=True)["x"].H
+                    Hs = _stage_moments(stages[k], linears, xs)
                     C = None
                     if float_targets:
+                        H = Hs[stages[k][0]]  # linears only: one input, one H
                         acc = InputCrossMoment(H.shape[0], dtype=H.dtype, device=H.device)
                         for fx, x in zip(f_stage_x, xs):
                             acc.update(fx.pop(k), x)
                         C = acc.C
-                    solved.update(_solve_stage(prefix, stages[k], linears, H, spec_for, solver, options, report, C))
+                    solved.update(_solve_stage(prefix, stages[k], linears, Hs, spec_for, solver, options, report, C))
 
                 outputs = interleaved_forward(block, inputs, stages, on_stage, adapter.block_output)
                 for n, (qw, spec) in solved.items():
-                    set_module(block, n, QuantLinear.from_quantized(qw, spec, linears[n].bias))
+                    set_module(block, n, packed_like(linears[n], qw, spec))
             inputs = [adapter.next_inputs(a, k, h) for (a, k), h in zip(inputs, outputs)]
             if float_targets:
                 f_inputs = [adapter.next_inputs(a, k, h) for (a, k), h in zip(f_inputs, f_outputs)]
@@ -195,27 +197,74 @@ def float_pass(block: nn.Module, inputs: list[tuple[tuple, dict]], stages: list[
     return captured, outputs
 
 
-def _solve_stage(prefix, stage, linears, H, spec_for, solver, options, report, C=None):
-    """Solve the linears of one stage against their shared ``H`` (same-spec linears stacked by
-    rows, which GPTQ treats independently), and make them compute with the result. With the
-    float/quantized cross moment ``C`` the solver is given the float-target weight instead."""
+def _geometry(layer: nn.Module) -> tuple:
+    """Layers of one stage with equal geometry read the same rows, so share one ``H``."""
+    if isinstance(layer, nn.Conv2d):
+        return ("conv", layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return ("linear",)
+
+
+def _stage_moments(stage, linears, xs) -> dict:
+    """``{name: H}`` for a stage's layers from their shared inputs ``xs``: one ``H`` per geometry,
+    ``(groups, d, d)`` for a grouped convolution (each group reads its own channels)."""
+    out, cache = {}, {}
+    for n in stage:
+        layer, key = linears[n], _geometry(linears[n])
+        if key not in cache:
+            if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+                cache[key] = grouped_conv_moment(layer, xs)
+            else:
+                cache[key] = collect(adapter_for(layer), {"x": layer}, xs, want=("H",), stop_early=True)["x"].H
+        out[n] = cache[key]
+    return out
+
+
+def _solve(solver, W, H, spec, options):
+    """``solver`` on ``W`` against ``H``; a stack of per-group ``H`` solves each group's rows alone."""
+    if H.dim() == 2:
+        return solver.fn(W, H, spec, **options)
+    if spec.group_size == PER_TENSOR:
+        raise CalibrationError("a grouped convolution has one H per group of channels, so one per-tensor scale "
+                               "cannot be solved across it: quantize it per channel (group_size=-1) or by RTN")
+    rows = W.shape[0] // H.shape[0]
+    parts = [solver.fn(W[g * rows:(g + 1) * rows], H[g], spec, **options) for g in range(H.shape[0])]
+    return QuantizedWeight(*_cat(parts), spec.bits, spec.group_size, spec.symmetric, spec.format)
+
+
+def _cat(parts):
+    return tuple(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "zero"))
+
+
+def _solve_stage(prefix, stage, linears, Hs, spec_for, solver, options, report, C=None):
+    """Solve the layers of one stage against their ``H`` (``Hs[name]``; same-spec, same-geometry
+    layers stacked by rows, which GPTQ treats independently), and make them compute with the
+    result. With the float/quantized cross moment ``C`` the solver is given the float-target
+    weight instead."""
     by_spec: dict[tuple, list[str]] = {}
     for n in stage:
         spec = spec_for(prefix + n)  # a per-tensor scale belongs to one layer: never stacked
-        by_spec.setdefault((spec, n if spec.group_size == PER_TENSOR else None), []).append(n)
+        key = (spec, n if spec.group_size == PER_TENSOR or Hs[n].dim() == 3 else None, _geometry(linears[n]))
+        by_spec.setdefault(key, []).append(n)
     out = {}
-    for (spec, _), names in by_spec.items():
-        W = torch.cat([linears[n].weight.detach() for n in names], 0)
+    for (spec, _, _), names in by_spec.items():
+        H = Hs[names[0]]
+        W = torch.cat([weight_matrix(linears[n]).detach() for n in names], 0)
         if C is not None:
             W = float_target_weight(W, H, C, options["damp"])
-        qw = solver.fn(W, H, spec, **options)
-        parts = qw.split_rows([linears[n].out_features for n in names]) if len(names) > 1 else [qw]
+        qw = _solve(solver, W, H, spec, options)
+        parts = qw.split_rows([weight_matrix(linears[n]).shape[0] for n in names]) if len(names) > 1 else [qw]
         for n, part in zip(names, parts):
             lin = linears[n]
+            w = weight_matrix(lin).detach()
             Q = part.dequantize(lin.weight.dtype)
-            err = layer_objective(lin.weight.detach(), Q, H)
-            ref = layer_objective(lin.weight.detach(), torch.zeros_like(Q), H)
+            if H.dim() == 2:
+                err, ref = layer_objective(w, Q, H), layer_objective(w, torch.zeros_like(Q), H)
+            else:  # per group of output channels, each with its own H
+                r = w.shape[0] // H.shape[0]
+                err = sum(layer_objective(w[g * r:(g + 1) * r], Q[g * r:(g + 1) * r], H[g]) for g in range(H.shape[0]))
+                ref = sum(layer_objective(w[g * r:(g + 1) * r], torch.zeros_like(Q[g * r:(g + 1) * r]), H[g])
+                          for g in range(H.shape[0]))
             report[prefix + n] = {"rel_error": float(err / ref) if ref > 0 else 0.0}
-            lin.weight.data = Q  # identical to what the QuantLinear built from `part` computes
+            lin.weight.data = Q.view_as(lin.weight)  # identical to what the packed module built from `part` computes
             out[n] = (part, spec)
     return out

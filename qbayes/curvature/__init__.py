@@ -12,9 +12,9 @@
 from .collect import Collection, LayerStatistics, collect
 from .ggn import ef_batch, flatten, ggn_batch, jacobians, mc_fisher_batch, output_hessian_sqrt, sample_labels, unflatten
 from .hutchinson import TraceEstimate, exact_block_traces, hutchinson_trace
-from .input_stats import InputCrossMoment, InputSecondMoment
+from .input_stats import InputCrossMoment, InputSecondMoment, grouped_conv_moment
 from .kron import KronEig, KronFactors
 
-__all__ = ["Collection", "InputCrossMoment", "InputSecondMoment", "KronEig", "KronFactors", "LayerStatistics", "TraceEstimate", "collect",
+__all__ = ["Collection", "InputCrossMoment", "InputSecondMoment", "KronEig", "KronFactors", "LayerStatistics", "TraceEstimate", "collect", "grouped_conv_moment",
            "ef_batch", "exact_block_traces", "flatten", "ggn_batch", "hutchinson_trace", "jacobians",
            "mc_fisher_batch", "output_hessian_sqrt", "sample_labels", "unflatten"]

@@ -102,3 +102,24 @@ class InputCrossMoment:
         total = self.n + m
         self.C.mul_(self.n / total).addmm_(u.T, v, alpha=2.0 / total)
         self.n = total
+
+
+def grouped_conv_moment(conv, xs, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-group input second moments ``(groups, d, d)`` of a grouped (e.g. depthwise) ``Conv2d``,
+    ``d = in/groups · kh · kw``: output channels of group ``g`` only read the im2col patches of
+    that group's input channels, so each group has its own ``H_g = (2/n) Σ x_g x_gᵀ``."""
+    from torch import nn
+
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise QBayesError("grouped_conv_moment takes zero padding given as numbers")
+    acc, n = None, 0
+    for x in xs:
+        cols = nn.functional.unfold(x.to(dtype), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+        b, _, L = cols.shape
+        cols = cols.view(b, conv.groups, -1, L)
+        s = torch.einsum("bgdl,bgel->gde", cols, cols)
+        acc = s if acc is None else acc + s
+        n += b * L
+    if acc is None:
+        raise QBayesError("grouped_conv_moment saw no inputs")
+    return 2.0 * acc / n

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..nn import QuantLinear, set_module
+from ..nn import QuantConv2d, QuantLinear, set_module
 from ..spec import QuantSpec
 from . import files, validate
 from .files import check_free_space, check_out_dir, check_out_file
@@ -106,11 +106,19 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra:
     tensors = _storage_tensors(model, float_dtype)
     model_dtype, tensor_dtypes = _float_dtypes(model)
     layers = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
+    mods = dict(model.named_modules())
+    inner = {n + ".packed" for n, m in mods.items() if isinstance(m, QuantConv2d)}  # a conv's packed storage
+    for name, m in mods.items():
+        if isinstance(m, QuantConv2d):
+            layers[name] = {**m.spec.to_dict(), "in_features": m.packed.in_features, "out_features": m.out_channels,
+                            "bias": m.packed.bias is not None, **validate.conv_geometry(m)}
+        elif isinstance(m, QuantLinear) and name not in inner:
             layers[name] = {**m.spec.to_dict(), "in_features": m.in_features, "out_features": m.out_features,
-                            "bias": m.bias is not None, **{k: v for k, v in cfg["layers"].get(name, {}).items()
-                                                            if k not in QuantSpec.__dataclass_fields__}}
+                            "bias": m.bias is not None}
+        else:
+            continue
+        layers[name].update({k: v for k, v in cfg["layers"].get(name, {}).items()
+                             if k not in QuantSpec.__dataclass_fields__ and k not in layers[name]})
     try:
         _write(out, tensors, tokenizer, model, cfg, layers, model_dtype, tensor_dtypes, extra)
     except (OSError, SafetensorError) as e:  # a full disk, a file-size limit, a vanished folder
@@ -253,6 +261,16 @@ def _swap_layers(model: nn.Module, meta: dict, p: Path, device=None) -> None:
     mods = dict(model.named_modules())
     for name, info in meta["layers"].items():
         lin = mods.get(name)
+        if info.get("kind") == "conv2d":
+            spec = validate.check_layer_entry(name, info, p)
+            if not isinstance(lin, (nn.Conv2d, QuantConv2d)) or validate.conv_geometry(lin) != validate.conv_geometry(info):
+                raise CheckpointError(f"{p}: layer {name!r} is recorded as a convolution {validate.conv_geometry(info)} "
+                                      "but the model has no such convolution there")
+            g = validate.conv_geometry(info)
+            set_module(model, name, QuantConv2d(g["in_channels"], info["out_features"], tuple(g["kernel_size"]), spec,
+                                                tuple(g["stride"]), tuple(g["padding"]), tuple(g["dilation"]),
+                                                g["groups"], bias=info["bias"], device=device))
+            continue
         if not isinstance(lin, (nn.Linear, QuantLinear)):
             raise CheckpointError(f"{p}: the model has no linear layer {name!r} to hold the packed weights")
         if (lin.in_features, lin.out_features) != (info["in_features"], info["out_features"]):

@@ -102,12 +102,40 @@ def check_layer_entry(name: str, info, path) -> QuantSpec:
     for k in ("clip", "scale_dtype", "format"):
         if k in info and not isinstance(info[k], str):
             raise CheckpointError(f"{path}: layer {name!r} has {k} {info[k]!r}, not a string")
+    if "kind" in info:
+        if info["kind"] != "conv2d":
+            raise CheckpointError(f"{path}: layer {name!r} is of unknown kind {info['kind']!r}")
+        _check_conv_entry(name, info, path)
     try:
         spec = QuantSpec.from_dict(info)
         spec.check_layer(info["in_features"], name)
     except (QBayesError, TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: layer {name!r} has an invalid spec ({e})") from None
     return spec
+
+
+def conv_geometry(conv) -> dict:
+    """A convolution's geometry as a checkpoint records it (from a module or a layer entry)."""
+    keys = ("in_channels", "kernel_size", "stride", "padding", "dilation", "groups")
+    if isinstance(conv, dict):
+        return {"kind": conv.get("kind"), **{k: conv.get(k) for k in keys}}
+    def pair(v):
+        return [0, 0] if v == "valid" else [v, v] if isinstance(v, int) else [int(x) for x in v]
+    return {"kind": "conv2d", "in_channels": conv.in_channels, "kernel_size": pair(conv.kernel_size),
+            "stride": pair(conv.stride), "padding": pair(conv.padding), "dilation": pair(conv.dilation),
+            "groups": conv.groups}
+
+
+def _check_conv_entry(name: str, info: dict, path) -> None:
+    g = conv_geometry(info)
+    for k in ("kernel_size", "stride", "padding", "dilation"):
+        v = g[k]
+        if not (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and 0 <= x <= 64 for x in v)):
+            raise CheckpointError(f"{path}: convolution {name!r} has {k} {v!r}, not two integers in 0..64")
+    if not all(_is_int(g[k]) and 0 < g[k] <= MAX_DIM for k in ("in_channels", "groups")) \
+            or g["in_channels"] % g["groups"] or info["out_features"] % g["groups"] \
+            or g["in_channels"] // g["groups"] * g["kernel_size"][0] * g["kernel_size"][1] != info["in_features"]:
+        raise CheckpointError(f"{path}: convolution {name!r} has inconsistent channels, groups and kernel size")
 
 
 def check_config(cfg: dict, n_tensors: int, path, depth: int = 0) -> None:

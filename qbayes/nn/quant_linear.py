@@ -60,19 +60,24 @@ class QuantLinear(nn.Module):
                        bias_dtype: torch.dtype = torch.float16) -> "QuantLinear":
         out, inp = qw.codes.shape
         m = cls(inp, out, spec, bias=bias is not None, bias_dtype=bias_dtype, device=qw.codes.device)
+        return m.fill(qw, bias)
+
+    def fill(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
+        """Pack a solver's result ``qw`` (codes of shape ``(out, in)``) into this module's buffers."""
+        spec, out = self.spec, qw.codes.shape[0]
         scale, zero = qw.scale, qw.zero
         if spec.group_size == PER_TENSOR:
             scale, zero = scale.expand(out, 1), zero.expand(out, 1)
         stored = scale.to(spec.torch_scale_dtype)
         if not torch.equal(stored.to(scale.dtype), scale):
             raise QBayesError("scales are not representable in the storage dtype; use qbayes.ranges to choose them")
-        m.qweight.copy_(pack(qw.codes, spec.bits))
-        m.scales.copy_(stored)
-        if m.qzeros is not None:
-            m.qzeros.copy_(pack(zero.round().to(torch.int64), spec.bits))
+        self.qweight.copy_(pack(qw.codes, spec.bits))
+        self.scales.copy_(stored)
+        if self.qzeros is not None:
+            self.qzeros.copy_(pack(zero.round().to(torch.int64), spec.bits))
         if bias is not None:
-            m.bias.copy_(bias.detach().to(bias_dtype))
-        return m
+            self.bias.copy_(bias.detach().to(self.bias.dtype))
+        return self
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if (self.qweight.device.type == "cpu" and dtype == torch.float32 and self.spec.fmt.affine

@@ -60,3 +60,23 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, new)
 
+
+
+def weight_matrix(layer: nn.Module):
+    """The ``(out, in)`` matrix a solver quantizes: a linear's weight, or a convolution's kernel
+    flattened to ``(out, in/groups · kh · kw)`` (what multiplies its im2col patches)."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.weight.reshape(layer.out_channels, -1)
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    raise QBayesError(f"only nn.Linear and nn.Conv2d layers are quantized, not {type(layer).__name__}")
+
+
+def packed_like(layer: nn.Module, qw, spec) -> nn.Module:
+    """The runtime module with packed storage replacing ``layer`` (``QuantLinear``/``QuantConv2d``)."""
+    from .quant_conv import QuantConv2d
+    from .quant_linear import QuantLinear
+
+    if isinstance(layer, nn.Conv2d):
+        return QuantConv2d.from_quantized(qw, spec, layer)
+    return QuantLinear.from_quantized(qw, spec, layer.bias)
