@@ -12,11 +12,13 @@ from tqdm.auto import tqdm
 
 from .algorithms import get_solver
 from .calibrate import quantize_blocks
-from .errors import QBayesError
+from .errors import CalibrationError, QBayesError
 from .formats import group_view
 from .models import ModelAdapter, adapter_for
-from .nn import DEFAULT_EXCLUDE, QuantLinear, packed_like, set_module, weight_matrix
-from .spec import QuantSpec
+from .nn import (DEFAULT_EXCLUDE, QuantConv2d, QuantLinear, check_selection, name_filter, packed_like, set_module,
+                 weight_matrix)
+from .nn.act_quant import ActQuant, quantize_inputs
+from .spec import ActSpec, QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,68 @@ def quantize_(
         model.qbayes_config["layers"][head_name] = {**head.to_dict(), **report[head_name]}
     log.info("quantized %d layers with %s in %.1f s", len(selected), method, elapsed)
     return model
+
+
+#: operand points of attention matmuls a model may expose as ``nn.Identity`` modules (qbayes's ViT does)
+MATMUL_POINTS = ("q_point", "k_point", "v_point")
+SOFTMAX_POINTS = ("probs_point",)
+
+
+def quantize_activations_(
+    model: nn.Module | ModelAdapter,
+    spec: ActSpec,
+    calib=None,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = DEFAULT_EXCLUDE,
+    matmuls: ActSpec | None = None,
+    softmax: ActSpec | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, ActQuant]:
+    """Quantize the inputs of the linear and convolution layers (float or packed) of ``model``.
+
+    Every ``nn.Linear``/``nn.Conv2d`` of the model (not only those in its blocks) that the glob
+    filters keep (by default all but embeddings and ``lm_head``) gets an :class:`~qbayes.nn.act_quant.ActQuant` in front of it; static
+    ranges are observed on ``calib`` (batches in the model adapter's language) and frozen.
+    ``matmuls`` also quantizes the operands of attention matmuls where the model exposes them
+    (``nn.Identity`` points named ``q_point``/``k_point``/``v_point``), and ``softmax`` the
+    attention probabilities (``probs_point``; e.g. ``ActSpec(4, format="logsqrt2")``; defaults to
+    ``matmuls``). Returns ``{point name: quantizer}``; the model keeps them as submodules.
+    """
+    if not isinstance(spec, ActSpec):
+        raise QBayesError(f"spec must be an ActSpec, not {type(spec).__name__}")
+    adapter = adapter_for(model)
+    model = adapter.model
+    kinds = (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d)
+    if include:
+        check_selection(model, include, kinds)
+    keep = name_filter(include, exclude)
+    layers = {n: m for n, m in model.named_modules() if n and isinstance(m, kinds) and keep(n)}
+    inner = {n + ".packed" for n, m in layers.items() if isinstance(m, QuantConv2d)}
+    names = [n for n in layers if n not in inner]
+    if not names:
+        raise QBayesError("no Linear/Conv2d layers match the include/exclude filters")
+    points = quantize_inputs(model, names, spec)
+    softmax = softmax or matmuls
+    for name, mod in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        point_spec = matmuls if leaf in MATMUL_POINTS else softmax if leaf in SOFTMAX_POINTS else None
+        if point_spec is not None and isinstance(mod, nn.Identity):
+            points[name] = ActQuant(point_spec)
+            set_module(model, name, points[name])
+    if any(not q.spec.dynamic for q in points.values()):
+        batches = adapter.batches(calib, batch_size, _device_of(model))
+        with torch.no_grad():
+            for b in tqdm(batches, desc="activation ranges", unit="batch", disable=not progress):
+                adapter.forward(b)
+        for name, q in points.items():
+            try:
+                q.freeze()
+            except CalibrationError as e:
+                raise CalibrationError(f"{name}: {e}") from None
+    model.qbayes_activations = {"spec": spec.to_dict(), "points": sorted(points)}
+    return points
 
 
 def select_layers(model, spec, include: Iterable[str] | None = None,

@@ -112,3 +112,37 @@ def test_log_quantizer_on_softmax_is_finer_than_uniform_at_low_bits():
         aq.freeze()
         errs[fmt] = float((aq(p) - p).square().sum(-1).mean())
     assert errs["logsqrt2"] < errs["int"] and math.isfinite(errs["log2"])
+
+
+@torch.no_grad()
+def test_quantize_activations_covers_layers_and_attention_points():
+    from qbayes import quantize_activations_
+    from qbayes.errors import CalibrationError
+    from qbayes.models.vision import ViT
+
+    torch.manual_seed(0)
+    calib, x = torch.rand(32, 1, 8, 8), torch.rand(16, 1, 8, 8)
+
+    def vit():
+        torch.manual_seed(0)
+        return ViT(image=8, patch=4, dim=16, depth=2, heads=2, mlp=32).eval()
+
+    ref = vit()(x)
+    errs = {}
+    for bits in (8, 4):
+        m = vit()
+        soft = ActSpec(bits, format="logsqrt2") if bits < 8 else None  # log codes: ~19% steps at any width
+        pts = quantize_activations_(m, ActSpec(bits), calib, matmuls=ActSpec(bits), softmax=soft, progress=False)
+        assert {"blocks.0.attn.q_point", "blocks.1.attn.probs_point", "blocks.0.mlp.0", "head"} <= set(pts)
+        assert "patch_embed" not in pts  # embeddings stay in float by default
+        assert pts["blocks.0.attn.probs_point"].spec.format == ("logsqrt2" if bits < 8 else "int")
+        assert all(q.calibrated for q in pts.values())
+        errs[bits] = float((m(x) - ref).abs().max() / ref.abs().max())
+    assert errs[8] < 0.02 < errs[4]  # 8 bits is close, 4 bits visibly worse
+    m = vit()
+    quantize_activations_(m, ActSpec(8, "per-token", dynamic=True), progress=False)  # dynamic: no calibration data
+    assert float((m(x) - ref).abs().max() / ref.abs().max()) < 0.02
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    m.forward = lambda t: m[0](t)  # the second layer never runs
+    with pytest.raises(CalibrationError, match="^1: .*saw no data"):
+        quantize_activations_(m, ActSpec(), torch.randn(8, 4), progress=False)

@@ -102,16 +102,26 @@ def quantize_inputs(model: nn.Module, names, spec: ActSpec) -> dict[str, ActQuan
     The quantizer becomes the layer's child ``input_quant`` (so its scale is in the state dict)
     and runs in a forward pre-hook. Returns ``{name: quantizer}``.
     """
+    from .quant_conv import QuantConv2d
+    from .quant_linear import QuantLinear
+
     mods = dict(model.named_modules())
     out = {}
     for name in names:
         layer = mods.get(name)
-        if not isinstance(layer, (nn.Linear, nn.Conv2d)) and not hasattr(layer, "in_features"):
+        if not isinstance(layer, (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d)):
             raise QBayesError(f"{name!r} is not a Linear or Conv2d layer of the model: activation quantization "
                               "points go in front of linear and convolution layers")
         if hasattr(layer, "input_quant"):
             raise QBayesError(f"{name!r} already has an input quantizer")
-        layer.input_quant = ActQuant(spec, channel_axis=1 if isinstance(layer, nn.Conv2d) else -1)
-        layer._input_quant_hook = layer.register_forward_pre_hook(_pre_hook)
-        out[name] = layer.input_quant
+        out[name] = attach_input_quant(layer, ActQuant(spec, channel_axis=1 if isinstance(
+            layer, (nn.Conv2d, QuantConv2d)) else -1))
     return out
+
+
+def attach_input_quant(layer: nn.Module, quant: ActQuant) -> ActQuant:
+    """Make ``quant`` quantize ``layer``'s first input (child ``input_quant`` + a forward pre-hook);
+    module surgery uses it to carry a quantizer over to the packed module replacing a layer."""
+    layer.input_quant = quant
+    layer._input_quant_hook = layer.register_forward_pre_hook(_pre_hook)
+    return quant

@@ -73,10 +73,16 @@ def weight_matrix(layer: nn.Module):
 
 
 def packed_like(layer: nn.Module, qw, spec) -> nn.Module:
-    """The runtime module with packed storage replacing ``layer`` (``QuantLinear``/``QuantConv2d``)."""
+    """The runtime module with packed storage replacing ``layer`` (``QuantLinear``/``QuantConv2d``),
+    keeping the layer's input quantizer if it has one."""
+    from .act_quant import attach_input_quant
     from .quant_conv import QuantConv2d
     from .quant_linear import QuantLinear
 
     if isinstance(layer, nn.Conv2d):
-        return QuantConv2d.from_quantized(qw, spec, layer)
-    return QuantLinear.from_quantized(qw, spec, layer.bias)
+        new = QuantConv2d.from_quantized(qw, spec, layer)
+    else:
+        new = QuantLinear.from_quantized(qw, spec, layer.bias)
+    if hasattr(layer, "input_quant"):  # its activation quantizer moves with it
+        attach_input_quant(new, layer.input_quant)
+    return new
