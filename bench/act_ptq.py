@@ -45,6 +45,8 @@ CONFIGS = [
     ("fmnist-mobilenet", "rtn", [], 8, "per-tensor", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "rtn", ["bnfold"], 8, "per-tensor", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "rtn", ["bnfold", "cle"], 8, "per-tensor", 8, "per-tensor", "minmax", None),
+    ("fmnist-mobilenet", "rtn", ["bnfold"], 6, "per-tensor", 8, "per-tensor", "minmax", None),
+    ("fmnist-mobilenet", "rtn", ["bnfold", "cle"], 6, "per-tensor", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "rtn", ["bnfold"], 4, "per-channel", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "gptq", ["bnfold"], 4, "per-channel", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "gptq", ["bnfold", "cle"], 4, "per-channel", 8, "per-tensor", "minmax", None),
