@@ -103,15 +103,20 @@ def markdown(res: dict) -> str:
     lines = ["# Weight + activation PTQ of image classifiers", "",
              f"Machine: {res['machine']['cpu']}, {res['machine']['threads']} torch threads, torch "
              f"{res['machine']['torch']}. Commit {res['commit']}; command `{res['command']}`; {res['date']}.", "",
-             res["protocol"]["summary"], "",
-             "| model | method | transforms | weights | activations | softmax | top-1 | float | Δ (points) | time (s) |",
+             res["protocol"]["summary"], "", *table(res)]
+    return "\n".join(lines) + "\n"
+
+
+def table(res: dict) -> list[str]:
+    """The Markdown table of the rows (the README renders it from the JSON too)."""
+    lines = ["| model | method | transforms | weights | activations | softmax | top-1 | float | Δ (points) | time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['model']} | {r['method']} | {'+'.join(r['transforms']) or '-'} | W{r['w_bits']} "
                      f"{r['w_granularity']} | A{r['a_bits']} {r['a_granularity']} {r['a_observer']} | "
                      f"{r['softmax_format'] or '-'} | {100 * r['value']:.2f} | {100 * r['fp_value']:.2f} | "
                      f"{100 * (r['value'] - r['fp_value']):+.2f} | {r['quantize_s']:.1f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
