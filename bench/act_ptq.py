@@ -15,11 +15,15 @@ Protocol (recorded in the JSON):
   per-tensor ranges from the row's observer, observed on the float model before the weights are
   solved, so that GPTQ's statistic is of the quantized inputs. Quantization is simulated
   (fake-quant) on the float path.
+* ``absorb``: high-bias absorption with the offsets measured on the calibration images (exact).
+* ``biascorr``: empirical bias correction after quantizing, against the float model with the
+  row's other (function-preserving) rewrites, on the calibration images.
 * Every row's float baseline is measured in the same run (``fp_value``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -33,11 +37,12 @@ from common import machine, provenance, write_results  # noqa: E402
 from qbayes import ActSpec, QuantSpec, quantize_, quantize_activations_  # noqa: E402
 from qbayes.data import load_cifar10_test, load_image_dataset  # noqa: E402
 from qbayes.models.vision import load_vision  # noqa: E402
-from qbayes.transforms import TRANSFORMS  # noqa: E402
+from qbayes.transforms import TRANSFORMS, absorb_high_bias, correct_bias  # noqa: E402
 
 # (model, method, transforms, w_bits, w_granularity, a_bits, a_granularity, activation observer, attention softmax format)
 CONFIGS = [
     ("cifar10-cnn", "rtn", [], 8, "per-tensor", 8, "per-tensor", "minmax", None),
+    ("cifar10-cnn", "rtn", ["biascorr"], 8, "per-tensor", 8, "per-tensor", "minmax", None),
     ("cifar10-cnn", "rtn", [], 8, "per-channel", 8, "per-tensor", "minmax", None),
     ("cifar10-cnn", "rtn", [], 4, "per-channel", 8, "per-tensor", "minmax", None),
     ("cifar10-cnn", "gptq", [], 4, "per-channel", 8, "per-tensor", "minmax", None),
@@ -45,9 +50,15 @@ CONFIGS = [
     ("fmnist-mobilenet", "rtn", [], 8, "per-tensor", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "rtn", ["bnfold"], 8, "per-tensor", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "rtn", ["bnfold", "cle"], 8, "per-tensor", 8, "per-tensor", "minmax", None),
+    ("fmnist-mobilenet", "rtn", ["bnfold", "cle", "absorb", "biascorr"], 8, "per-tensor", 8, "per-tensor", "minmax",
+     None),
     ("fmnist-mobilenet", "rtn", ["bnfold"], 6, "per-tensor", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "rtn", ["bnfold", "cle"], 6, "per-tensor", 8, "per-tensor", "minmax", None),
+    ("fmnist-mobilenet", "rtn", ["bnfold", "cle", "biascorr"], 6, "per-tensor", 8, "per-tensor", "minmax", None),
+    ("fmnist-mobilenet", "rtn", ["bnfold", "cle", "absorb", "biascorr"], 6, "per-tensor", 8, "per-tensor", "minmax",
+     None),
     ("fmnist-mobilenet", "rtn", ["bnfold"], 4, "per-channel", 8, "per-tensor", "minmax", None),
+    ("fmnist-mobilenet", "rtn", ["bnfold", "biascorr"], 4, "per-channel", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "gptq", ["bnfold"], 4, "per-channel", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "gptq", ["bnfold", "cle"], 4, "per-channel", 8, "per-tensor", "minmax", None),
     ("fmnist-vit", "rtn", [], 8, "per-channel", 8, "per-tensor", "minmax", "int"),
@@ -78,7 +89,11 @@ def run_row(cfg, calib, xe, ye, fp: float) -> dict:
     model = load_vision(name)
     t0 = time.perf_counter()
     for t in transforms:
-        TRANSFORMS[t](model)
+        if t == "absorb":
+            absorb_high_bias(model, calib.split(100))
+        elif t != "biascorr":
+            TRANSFORMS[t](model)
+    reference = copy.deepcopy(model) if "biascorr" in transforms else None
     spec = (QuantSpec(wb, 0, symmetric=True, clip="minmax", scale_dtype="float32") if wg == "per-tensor"
             else QuantSpec(wb, -1, symmetric=True, clip="mse", scale_dtype="float32"))
     aspec = ActSpec(ab, ag, observer=observer)
@@ -89,6 +104,8 @@ def run_row(cfg, calib, xe, ye, fp: float) -> dict:
                           batch_size=100, progress=False)
     quantize_(model, spec, method, calib if method == "gptq" else None, convs=True, exclude=("*embed*",),
               float_dtype="float32", batch_size=100, progress=False)
+    if reference is not None:  # after quantizing, against the float model with the same rewrites
+        correct_bias(model, reference, calib.split(100), progress=False)
     elapsed = time.perf_counter() - t0
     value = top1(model, xe, ye)
     row = {"model": name, "method": method, "transforms": transforms, "w_bits": wb, "w_granularity": wg,
