@@ -15,6 +15,7 @@ Protocol (recorded in the JSON):
   per-tensor ranges from the row's observer, observed on the float model before the weights are
   solved, so that GPTQ's statistic is of the quantized inputs. Quantization is simulated
   (fake-quant) on the float path.
+* ``repq``: RepQ-ViT's post-LayerNorm scale reparameterisation from the calibration ranges (exact).
 * ``absorb``: high-bias absorption with the offsets measured on the calibration images (exact).
 * ``biascorr``: empirical bias correction after quantizing, against the float model with the
   row's other (function-preserving) rewrites, on the calibration images.
@@ -37,7 +38,7 @@ from common import machine, provenance, write_results  # noqa: E402
 from qbayes import ActSpec, QuantSpec, quantize_, quantize_activations_  # noqa: E402
 from qbayes.data import load_cifar10_test, load_image_dataset  # noqa: E402
 from qbayes.models.vision import load_vision  # noqa: E402
-from qbayes.transforms import TRANSFORMS, absorb_high_bias, correct_bias  # noqa: E402
+from qbayes.transforms import TRANSFORMS, absorb_high_bias, correct_bias, reparameterize_layernorms  # noqa: E402
 
 # (model, method, transforms, w_bits, w_granularity, a_bits, a_granularity, activation observer, attention softmax format)
 CONFIGS = [
@@ -66,6 +67,8 @@ CONFIGS = [
     ("fmnist-vit", "gptq", [], 6, "per-channel", 6, "per-tensor", "mse", "int"),
     ("fmnist-vit", "rtn", [], 4, "per-channel", 4, "per-tensor", "minmax", "int"),
     ("fmnist-vit", "rtn", [], 4, "per-channel", 4, "per-tensor", "minmax", "logsqrt2"),
+    ("fmnist-vit", "rtn", ["repq"], 4, "per-channel", 4, "per-tensor", "minmax", "int"),
+    ("fmnist-vit", "rtn", ["repq"], 4, "per-channel", 4, "per-tensor", "minmax", "logsqrt2"),
 ]
 
 
@@ -91,6 +94,8 @@ def run_row(cfg, calib, xe, ye, fp: float) -> dict:
     for t in transforms:
         if t == "absorb":
             absorb_high_bias(model, calib.split(100))
+        elif t == "repq":
+            reparameterize_layernorms(model, calib.split(100))
         elif t != "biascorr":
             TRANSFORMS[t](model)
     reference = copy.deepcopy(model) if "biascorr" in transforms else None

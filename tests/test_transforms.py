@@ -117,3 +117,53 @@ def test_an_untraceable_model_is_a_clear_error():
             return self.l(x) if x.sum() > 0 else x
     with pytest.raises(QBayesError, match="cannot trace"):
         equalize(Branchy())
+
+
+def test_repq_reparameterisation_preserves_a_vit_and_aligns_post_norm_channels():
+    from qbayes.models.vision import ViT
+    from qbayes.transforms import reparameterize_layernorms
+
+    torch.manual_seed(0)
+    vit = ViT(image=8, patch=4, dim=16, depth=2, heads=2, mlp=32).eval()
+    with torch.no_grad():
+        for blk in vit.blocks:  # LayerNorm gains that differ a lot between channels, as in trained ViTs
+            blk.norm1.weight.mul_(torch.logspace(-1, 1, 16)[torch.randperm(16)])
+            blk.norm1.bias.add_(torch.randn(16))
+    calib, x = torch.rand(32, 1, 8, 8), torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        ref = vit(x)
+    done = reparameterize_layernorms(vit, calib.split(8))
+    assert set(done) == {f"blocks.{i}.norm{j}" for i in range(2) for j in (1, 2)} | {"norm"}
+    with torch.no_grad():
+        assert torch.allclose(vit(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        seen = []
+        h = vit.blocks[0].norm1.register_forward_hook(lambda m, a, out: seen.append(out.reshape(-1, 16)))
+        vit(calib)
+        h.remove()
+    y = torch.cat(seen)
+    lo, hi = y.amin(0), y.amax(0)  # every channel now spans the same interval on the calibration data
+    assert torch.allclose(lo, lo.mean().expand(16), atol=1e-4) and torch.allclose(hi, hi.mean().expand(16), atol=1e-4)
+
+
+def test_repq_refuses_a_norm_whose_output_also_feeds_a_residual():
+    from qbayes.errors import QBayesError
+    from qbayes.transforms import reparameterize_layernorms
+
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.lin = nn.LayerNorm(6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            y = self.ln(x)
+            return self.lin(y) + y
+
+    torch.manual_seed(0)
+    m = Skip()
+    with torch.no_grad():
+        m.ln.weight.mul_(torch.logspace(-1, 1, 6))
+    x = torch.randn(16, 6)
+    ref = m(x).detach()
+    with pytest.raises(QBayesError, match="restored"):
+        reparameterize_layernorms(m, [x])
+    assert torch.equal(m(x).detach(), ref)
