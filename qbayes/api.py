@@ -15,8 +15,8 @@ from .calibrate import quantize_blocks
 from .errors import CalibrationError, QBayesError
 from .formats import group_view
 from .models import ModelAdapter, adapter_for
-from .nn import (DEFAULT_EXCLUDE, QuantConv2d, QuantLinear, check_selection, name_filter, packed_like, set_module,
-                 weight_matrix)
+from .nn import (DEFAULT_EXCLUDE, QuantConv2d, QuantLinear, check_conv, check_selection, name_filter, packed_like,
+                 set_module, weight_matrix)
 from .nn.act_quant import ActQuant, quantize_inputs
 from .spec import ActSpec, QuantSpec
 
@@ -191,10 +191,8 @@ def select_layers(model, spec, include: Iterable[str] | None = None,
 
 def _check_convs(selected: Mapping[str, nn.Module]) -> None:
     for name, m in selected.items():
-        if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or m.padding not in ("valid",) and
-                                         isinstance(m.padding, str)):
-            raise QBayesError(f"{name}: convolutions are quantized with zero padding given as numbers, not "
-                              f"padding={m.padding!r} padding_mode={m.padding_mode!r}; exclude it or rebuild it")
+        if isinstance(m, nn.Conv2d):
+            check_conv(m, name)
 
 
 def _check_head(model, head) -> str:

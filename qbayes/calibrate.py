@@ -231,6 +231,14 @@ def _solve(solver, W, H, spec, options):
     return QuantizedWeight(*_cat(parts), spec.bits, spec.group_size, spec.symmetric, spec.format)
 
 
+def _objective(w, Q, H):
+    """The layer objective; with per-group ``H`` the sum over the groups of output channels."""
+    if H.dim() == 2:
+        return layer_objective(w, Q, H)
+    r = w.shape[0] // H.shape[0]
+    return sum(layer_objective(w[g * r:(g + 1) * r], Q[g * r:(g + 1) * r], H[g]) for g in range(H.shape[0]))
+
+
 def _cat(parts):
     return tuple(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "zero"))
 
@@ -257,13 +265,7 @@ def _solve_stage(prefix, stage, linears, Hs, spec_for, solver, options, report, 
             lin = linears[n]
             w = weight_matrix(lin).detach()
             Q = part.dequantize(lin.weight.dtype)
-            if H.dim() == 2:
-                err, ref = layer_objective(w, Q, H), layer_objective(w, torch.zeros_like(Q), H)
-            else:  # per group of output channels, each with its own H
-                r = w.shape[0] // H.shape[0]
-                err = sum(layer_objective(w[g * r:(g + 1) * r], Q[g * r:(g + 1) * r], H[g]) for g in range(H.shape[0]))
-                ref = sum(layer_objective(w[g * r:(g + 1) * r], torch.zeros_like(Q[g * r:(g + 1) * r]), H[g])
-                          for g in range(H.shape[0]))
+            err, ref = _objective(w, Q, H), _objective(w, torch.zeros_like(Q), H)
             report[prefix + n] = {"rel_error": float(err / ref) if ref > 0 else 0.0}
             lin.weight.data = Q.view_as(lin.weight)  # identical to what the packed module built from `part` computes
             out[n] = (part, spec)

@@ -262,11 +262,10 @@ def _swap_layers(model: nn.Module, meta: dict, p: Path, device=None) -> None:
     for name, info in meta["layers"].items():
         lin = mods.get(name)
         if info.get("kind") == "conv2d":
-            spec = validate.check_layer_entry(name, info, p)
-            if not isinstance(lin, (nn.Conv2d, QuantConv2d)) or validate.conv_geometry(lin) != validate.conv_geometry(info):
-                raise CheckpointError(f"{p}: layer {name!r} is recorded as a convolution {validate.conv_geometry(info)} "
+            spec, g = validate.check_layer_entry(name, info, p), validate.conv_geometry(info)
+            if not isinstance(lin, (nn.Conv2d, QuantConv2d)) or validate.conv_geometry(lin) != g:
+                raise CheckpointError(f"{p}: layer {name!r} is recorded as a convolution {g} "
                                       "but the model has no such convolution there")
-            g = validate.conv_geometry(info)
             set_module(model, name, QuantConv2d(g["in_channels"], info["out_features"], tuple(g["kernel_size"]), spec,
                                                 tuple(g["stride"]), tuple(g["padding"]), tuple(g["dilation"]),
                                                 g["groups"], bias=info["bias"], device=device))

@@ -55,7 +55,7 @@ class ActQuant(nn.Module):
         if not spec.dynamic:
             if self.scale is None:
                 raise QBayesError("this activation quantizer is not calibrated: observe calibration batches and "
-                                  "call freeze() (qbayes.calibrate_activations does both)")
+                                  "call freeze() (qbayes.quantize_activations_ does both)")
             return self._shaped(self.scale, x), self._shaped(self.zero, x)
         xd = x.detach()
         if spec.format != "int":

@@ -19,6 +19,13 @@ from .quant_linear import QuantLinear
 from .surgery import weight_matrix
 
 
+def check_conv(conv: nn.Conv2d, name: str = "conv") -> None:
+    """Refuse a convolution ``QuantConv2d`` cannot reproduce (padding other than zeros given as numbers)."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) and conv.padding != "valid":
+        raise QBayesError(f"{name}: convolutions are quantized with zero padding given as numbers, not "
+                          f"padding={conv.padding!r} padding_mode={conv.padding_mode!r}; exclude it or rebuild it")
+
+
 class QuantConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, spec: QuantSpec, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = False, bias_dtype: torch.dtype = torch.float16,
@@ -38,9 +45,7 @@ class QuantConv2d(nn.Module):
     def from_quantized(cls, qw: QuantizedWeight, spec: QuantSpec, conv: nn.Conv2d,
                        bias_dtype: torch.dtype = torch.float16) -> "QuantConv2d":
         """Pack ``qw`` (a solver's result for :func:`~qbayes.nn.weight_matrix` of ``conv``) with ``conv``'s geometry."""
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str) and conv.padding != "valid":
-            raise QBayesError(f"QuantConv2d takes zero padding given as numbers, got padding={conv.padding!r} "
-                              f"padding_mode={conv.padding_mode!r}")
+        check_conv(conv)
         expect = tuple(weight_matrix(conv).shape)
         if tuple(qw.codes.shape) != expect:
             raise QBayesError(f"quantized weight of shape {tuple(qw.codes.shape)} does not fit the conv matrix {expect}")

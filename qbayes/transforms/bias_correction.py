@@ -70,8 +70,7 @@ def _add_to_bias(layer: nn.Module, delta: torch.Tensor) -> None:
     owner = layer.packed if isinstance(layer, QuantConv2d) else layer
     bias = owner.bias
     if bias is None:
-        dtype = torch.float32
-        new = delta.to(dtype)
+        new = delta.float()
         if isinstance(owner, QuantLinear):
             owner.register_buffer("bias", new)
         else:
