@@ -132,6 +132,8 @@ def quantize_activations_(
     exclude: Iterable[str] | None = DEFAULT_EXCLUDE,
     matmuls: ActSpec | None = None,
     softmax: ActSpec | None = None,
+    smoothquant: float | str | None = None,
+    smoothquant_w_bits: int = 8,
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, ActQuant]:
@@ -143,7 +145,10 @@ def quantize_activations_(
     ``matmuls`` also quantizes the operands of attention matmuls where the model exposes them
     (``nn.Identity`` points named ``q_point``/``k_point``/``v_point``), and ``softmax`` the
     attention probabilities (``probs_point``; e.g. ``ActSpec(4, format="logsqrt2")``; defaults to
-    ``matmuls``). Returns ``{point name: quantizer}``; the model keeps them as submodules.
+    ``matmuls``). ``smoothquant`` (an ``α`` in [0, 1], or ``"search"`` for a per-layer search
+    against ``smoothquant_w_bits``-bit weights) first rescales every float ``nn.Linear``'s input
+    channels (:mod:`qbayes.transforms.smoothquant`; call it before ``quantize_``). Returns
+    ``{point name: quantizer}``; the model keeps them as submodules.
     """
     if not isinstance(spec, ActSpec):
         raise QBayesError(f"spec must be an ActSpec, not {type(spec).__name__}")
@@ -158,7 +163,22 @@ def quantize_activations_(
     names = [n for n in layers if n not in inner]
     if not names:
         raise QBayesError("no Linear/Conv2d layers match the include/exclude filters")
+    smoothing = {}
+    if smoothquant is not None:
+        from .transforms.smoothquant import smooth_linears
+
+        def run_calibration():
+            for b in tqdm(adapter.batches(calib, batch_size, _device_of(model)), desc="smoothquant statistics",
+                          unit="batch", disable=not progress):
+                adapter.forward(b)
+
+        _require_calib(calib, "SmoothQuant needs")
+        smoothing = smooth_linears({n: layers[n] for n in names if isinstance(layers[n], nn.Linear)
+                                    or isinstance(layers[n], QuantLinear)}, run_calibration, spec, smoothquant,
+                                   smoothquant_w_bits)
     points = quantize_inputs(model, names, spec)
+    for name, sm in smoothing.items():
+        points[name].smooth = sm["inv_scale"].to(_device_of(model))
     softmax = softmax or matmuls
     for name, mod in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
@@ -167,6 +187,7 @@ def quantize_activations_(
             points[name] = ActQuant(point_spec)
             set_module(model, name, points[name])
     if any(not q.spec.dynamic for q in points.values()):
+        _require_calib(calib, "static activation ranges need")
         batches = adapter.batches(calib, batch_size, _device_of(model))
         with torch.no_grad():
             for b in tqdm(batches, desc="activation ranges", unit="batch", disable=not progress):
@@ -176,8 +197,14 @@ def quantize_activations_(
                 q.freeze()
             except CalibrationError as e:
                 raise CalibrationError(f"{name}: {e}") from None
-    model.qbayes_activations = {"spec": spec.to_dict(), "points": sorted(points)}
+    model.qbayes_activations = {"spec": spec.to_dict(), "points": sorted(points),
+                                "smoothquant": {n: sm["alpha"] for n, sm in smoothing.items()}}
     return points
+
+
+def _require_calib(calib, what: str) -> None:
+    if calib is None:
+        raise CalibrationError(f"{what} calibration data: pass calib= (batches the model adapter understands)")
 
 
 def select_layers(model, spec, include: Iterable[str] | None = None,

@@ -6,7 +6,9 @@ then :meth:`ActQuant.freeze` fixes ``scale``/``zero`` (saved with the module's s
 quantizes from then on. A dynamic one computes the range of every input it sees (per tensor,
 per token — each row over the last dimension — or per channel). Integer codes follow the
 weight formats' affine rule, ``x̂ = s (clamp(⌊x/s⌉ + z, 0, 2^b − 1) − z)``; the log formats
-follow :mod:`qbayes.formats.log2`. Gradients pass straight through the rounding.
+follow :mod:`qbayes.formats.log2`. Gradients pass straight through the rounding. A quantizer may
+carry SmoothQuant's per-channel ``smooth = 1/s`` (:mod:`qbayes.transforms.smoothquant`): it
+quantizes ``x ⊙ smooth`` and its layer's weight columns carry ``s``.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class ActQuant(nn.Module):
         self.observer = None if spec.dynamic else make_observer(spec, channel_axis)
         self.register_buffer("scale", None)
         self.register_buffer("zero", None)
+        self.register_buffer("smooth", None)  # SmoothQuant's 1/s per channel, applied before quantizing
 
     @property
     def calibrated(self) -> bool:
@@ -73,11 +76,16 @@ class ActQuant(nn.Module):
     def _shaped(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if t.dim() == 0:
             return t
+        return self._channel_view(t, x)
+
+    def _channel_view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         shape = [1] * x.dim()
         shape[self.channel_axis % x.dim()] = t.numel()
         return t.view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:  # the layer's weight columns carry s (qbayes.transforms.smoothquant)
+            x = x * self._channel_view(self.smooth, x).to(x.dtype)
         if not self.spec.dynamic and self.scale is None:
             self.observer.update(x)
             return x
