@@ -31,7 +31,7 @@ ALLOWED = {
     "fastdecode": {"nn", "kernels", "errors"},
     "generate": {"fastdecode", "errors"},
     "export": {"nn", "kernels", "formats", "fastdecode", "errors"},
-    "api": {"algorithms", "calibrate", "models", "nn", "formats", "spec", "errors"},
+    "api": {"algorithms", "calibrate", "models", "nn", "formats", "spec", "errors", "transforms"},
     "benchmarks": {"algorithms", "kernels", "nn", "formats", "spec", "errors"},
     "cli": None,  # the top: may import anything below it
     "__init__": {"api", "io", "spec", "errors"},
