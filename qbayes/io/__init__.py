@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..nn import QuantConv2d, QuantLinear, set_module
 from ..spec import QuantSpec
-from . import files, validate
+from . import activations, files, validate
 from .files import check_free_space, check_out_dir, check_out_file
 from .validate import FLOAT_DTYPES, meta_digest
 
@@ -147,6 +147,7 @@ def _write(out, tensors, tokenizer, model, cfg, layers, model_dtype, tensor_dtyp
             "float_dtype": cfg.get("float_dtype", "float16"),
             "quantize_seconds": cfg.get("quantize_seconds"),
             "layers": layers,
+            **({"activations": acts} if (acts := activations.describe(model)) else {}),
             **({"allocation": cfg["allocation"]} if "allocation" in cfg else {}),  # mixed precision: how bits were chosen
             "sha256": _sha256(tmp / WEIGHTS),
             "files": stored,
@@ -211,12 +212,14 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify:
         cls = validate.model_class(meta["model_class"], cfg, set(BLOCK_PATHS) | set(ENCODER_PATHS), p)
         skeleton = validate.build_model(cls, cfg, p, device="meta")
         _swap_layers(skeleton, meta, p, device="meta")
+        activations.restore(skeleton, meta.get("activations", {}), header, p, device="meta")
         validate.check_against_header(skeleton, header, lambda k: _is_tied(skeleton, k), p)
         del skeleton
         model = validate.build_model(cls, cfg, p)
     elif type(model).__name__ != meta["model_class"]:
         raise CheckpointError(f"{p} holds a {meta['model_class']}, not a {type(model).__name__}")
     _swap_layers(model, meta, p)
+    activations.restore(model, meta.get("activations", {}), header, p)
     validate.check_against_header(model, header, lambda k: _is_tied(model, k), p)
     try:
         tensors = load_file(str(wp), device="cpu")
@@ -235,6 +238,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", verify:
     if "allocation" in meta:
         model.qbayes_config["allocation"] = meta["allocation"]
     model.qbayes_config["layers"] = meta["layers"]
+    if "activations" in meta:
+        model.qbayes_activations = {"points": sorted(meta["activations"])}
     tok = None
     if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
