@@ -1,6 +1,9 @@
 """Weight + activation post-training quantization of the shipped image classifiers (issue 14).
 
-    python bench/act_ptq.py [--only cifar10-cnn|fmnist-mobilenet|fmnist-vit]
+    python bench/act_ptq.py [--only cifar10-cnn|fmnist-mobilenet|fmnist-vit|minilm|smollm2]
+
+The language-model rows (MiniLM, SmolLM2, ONNX Runtime's quantizers) and their protocol are in
+``bench/act_ptq_text.py``.
 
 Protocol (recorded in the JSON):
 
@@ -34,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import act_ptq_text  # noqa: E402
 from common import machine, provenance, write_results  # noqa: E402
 from qbayes import ActSpec, QuantSpec, quantize_, quantize_activations_  # noqa: E402
 from qbayes.data import load_cifar10_test, load_image_dataset  # noqa: E402
@@ -125,19 +129,19 @@ def markdown(res: dict) -> str:
     lines = ["# Weight + activation PTQ of image classifiers", "",
              f"Machine: {res['machine']['cpu']}, {res['machine']['threads']} torch threads, torch "
              f"{res['machine']['torch']}. Commit {res['commit']}; command `{res['command']}`; {res['date']}.", "",
-             res["protocol"]["summary"], "", *table(res)]
+             res["protocol"]["summary"], "", res["protocol"].get("language_models", ""), "", *table(res)]
     return "\n".join(lines) + "\n"
 
 
 def table(res: dict) -> list[str]:
     """The Markdown table of the rows (the README renders it from the JSON too)."""
-    lines = ["| model | method | transforms | weights | activations | softmax | top-1 | float | Δ (points) | time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | transforms | weights | activations | softmax | metric | value | float | change | "
+             "time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
+        value, fp, change = act_ptq_text.value_cells(r)
         lines.append(f"| {r['model']} | {r['method']} | {'+'.join(r['transforms']) or '-'} | W{r['w_bits']} "
                      f"{r['w_granularity']} | A{r['a_bits']} {r['a_granularity']} {r['a_observer']} | "
-                     f"{r['softmax_format'] or '-'} | {100 * r['value']:.2f} | {100 * r['fp_value']:.2f} | "
-                     f"{100 * (r['value'] - r['fp_value']):+.2f} | {r['quantize_s']:.1f} |")
+                     f"{r['softmax_format'] or '-'} | {r['metric']} | {value} | {fp} | {change} | {r['quantize_s']:.1f} |")
     return lines
 
 
@@ -156,9 +160,13 @@ def main() -> None:
             fps[cfg[0]] = top1(load_vision(cfg[0]), xe, ye)
             print(f"{cfg[0]}: float top-1 {fps[cfg[0]]:.4f}", flush=True)
         rows.append(run_row(cfg, calib, xe, ye, fps[cfg[0]]))
+    if not a.only or a.only in act_ptq_text.MODELS:
+        rows += act_ptq_text.run(a.only, log=lambda m: print(m, flush=True))
     if a.only:
         return
+    text_protocol = act_ptq_text.__doc__.split("Protocol (recorded in the JSON):")[1]
     res = {**prov, "protocol": {"summary": " ".join(__doc__.split("Protocol (recorded in the JSON):")[1].split()),
+                                "language_models": " ".join(text_protocol.split()),
                                 "threads": 2, "simulation": "fake-quant on the float path"},
            "machine": machine(2), "rows": rows}
     write_results("act_ptq", res, markdown(res), provenance_of=prov)

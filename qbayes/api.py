@@ -18,6 +18,7 @@ from .models import ModelAdapter, adapter_for
 from .nn import (DEFAULT_EXCLUDE, QuantConv2d, QuantLinear, check_conv, check_selection, name_filter, packed_like,
                  set_module, weight_matrix)
 from .nn.act_quant import ActQuant, quantize_inputs
+from .nn.int8_linear import to_int8_  # noqa: F401 - the front door's third verb: run W8A8 in integers
 from .spec import ActSpec, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,10 @@ def _representable_scales(spec_for: Callable[[str], QuantSpec], selected: Mappin
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's tensors are (a fully packed model has buffers but no parameters)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def _round_float_params(model: nn.Module, quantized: set[str], dtype: torch.dtype) -> None:
