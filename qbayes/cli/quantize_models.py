@@ -1,0 +1,139 @@
+"""``qbayes quantize --model cifar10-cnn|fmnist-mobilenet|fmnist-vit|minilm``: weights and activations of
+the shipped image classifiers (top-1) and the MiniLM sentence encoder (embedding cosine to fp32).
+
+Calibration and evaluation follow ``bench/act_ptq.py``: CIFAR-10 calibrates on the first 1,000 test
+images and is scored on the other 9,000; the Fashion-MNIST models calibrate on 1,000 training images
+and are scored on the test split; MiniLM calibrates on PTB-valid windows and is scored on WikiText-2
+test lines. The transforms run in the order given, before quantizing (``biascorr`` after).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+from ..errors import QBayesError
+
+VISION = ("cifar10-cnn", "fmnist-mobilenet", "fmnist-vit")
+ENCODERS = ("minilm",)
+#: which transforms apply to which kind of model (checked before anything runs)
+TRANSFORMS = {"vision": ("bnfold", "cle", "absorb", "biascorr", "repq", "smoothquant"),
+              "encoder": ("smoothquant",), "lm": ("smoothquant",)}
+
+
+def parse_transforms(text: str | None, kind: str) -> list[str]:
+    names = [t for t in (text or "").split(",") if t]
+    bad = [t for t in names if t not in TRANSFORMS[kind]]
+    if bad:
+        raise QBayesError(f"--transforms {','.join(bad)} does not apply to this model: choose from "
+                          f"{','.join(TRANSFORMS[kind])}")
+    return names
+
+
+def act_spec(args):
+    """The ``ActSpec`` of ``--act-*`` (None for weight-only)."""
+    if args.act_bits is None:
+        return None
+    from ..spec import ActSpec
+
+    dynamic = args.act_granularity == "per-token" or args.act_dynamic
+    return ActSpec(args.act_bits, args.act_granularity, dynamic=dynamic,
+                   observer="minmax" if dynamic else args.act_observer)
+
+
+def _vision_data(name: str):
+    import torch
+
+    from ..data import load_cifar10_test, load_image_dataset
+
+    if name == "cifar10-cnn":
+        (xc, _), (xe, ye) = load_cifar10_test("calib"), load_cifar10_test("eval")
+        return xc, xe, ye
+    x, _ = load_image_dataset("fashion-mnist", "train", normalize=None)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:1000]
+    xe, ye = load_image_dataset("fashion-mnist", "test", normalize=None)
+    return x[idx], xe, ye
+
+
+def _top1(model, x, y) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float(torch.cat([model(b).argmax(1) for b in x.split(500)]).eq(y).float().mean())
+
+
+def quantize_vision(args, spec, out: Path) -> int:
+    from .. import quantize_, quantize_activations_, save_quantized
+    from ..models.vision import load_vision
+    from ..transforms import TRANSFORMS as REWRITES
+    from ..transforms import absorb_high_bias, correct_bias, reparameterize_layernorms
+
+    transforms = parse_transforms(args.transforms, "vision")
+    aspec = act_spec(args)
+    if "smoothquant" in transforms and aspec is None:
+        raise QBayesError("--transforms smoothquant moves activation outliers into the weights: give --act-bits")
+    model = load_vision(args.model)
+    calib, xe, ye = _vision_data(args.model)
+    fp = None if args.no_eval else _top1(model, xe, ye)
+    t0 = time.perf_counter()
+    for t in transforms:
+        if t == "absorb":
+            absorb_high_bias(model, calib.split(100))
+        elif t == "repq":
+            reparameterize_layernorms(model, calib.split(100))
+        elif t in REWRITES:
+            REWRITES[t](model)
+    reference = copy.deepcopy(model) if "biascorr" in transforms else None
+    vit = args.model == "fmnist-vit"
+    if aspec is not None:  # ranges first, so GPTQ's statistic is of the quantized inputs
+        quantize_activations_(model, aspec, calib, exclude=("*embed*",), matmuls=aspec if vit else None,
+                              smoothquant="search" if "smoothquant" in transforms else None,
+                              smoothquant_w_bits=spec.bits, batch_size=100)
+    quantize_(model, spec, args.method, calib if args.method == "gptq" else None, convs=True, exclude=("*embed*",),
+              float_dtype="float32", batch_size=100)
+    if reference is not None:
+        correct_bias(model, reference, calib.split(100))
+    seconds = time.perf_counter() - t0
+    save_quantized(model, out, extra={"source_model": args.model, "transforms": transforms})
+    return _report(args, "top-1", fp, None if args.no_eval else _top1(model, xe, ye), seconds, out)
+
+
+def quantize_encoder(args, spec, out: Path) -> int:
+    from .. import quantize_, quantize_activations_, save_quantized
+    from ..data import CALIB_TEXT, EVAL_TEXT, data_path, encoder_windows, sentence_lines, tokenize_file
+    from ..eval import cosine_to_reference, sentence_embeddings
+    from ..models import load_encoder, minilm_l6
+
+    transforms = parse_transforms(args.transforms, "encoder")
+    aspec = act_spec(args)
+    if transforms and aspec is None:
+        raise QBayesError("--transforms smoothquant moves activation outliers into the weights: give --act-bits")
+    model, tok = load_encoder(str(minilm_l6()))
+    sentences = sentence_lines(Path(args.eval_text) if args.eval_text else data_path(EVAL_TEXT), min_words=8)
+    ref = None if args.no_eval else sentence_embeddings(model, tok, sentences, max_length=128, progress=True)
+    cpath = Path(args.calib) if args.calib else data_path(CALIB_TEXT)
+    calib = encoder_windows(tokenize_file(cpath, tok), tok, seqlen=128, n=max(args.calib_samples, 128), seed=0)
+    t0 = time.perf_counter()
+    if aspec is not None:
+        quantize_activations_(model, aspec, calib, smoothquant="search" if transforms else None,
+                              smoothquant_w_bits=spec.bits, batch_size=16)
+    quantize_(model, spec, args.method, calib, batch_size=16, act_order=args.act_order) if args.method == "gptq" \
+        else quantize_(model, spec, args.method, calib, batch_size=16)
+    seconds = time.perf_counter() - t0
+    save_quantized(model, out, tokenizer=tok, extra={"source_model": str(minilm_l6()), "transforms": transforms})
+    value = None
+    if ref is not None:
+        value = float(cosine_to_reference(ref, sentence_embeddings(model, tok, sentences, max_length=128)).mean())
+    return _report(args, "mean cosine to fp32", 1.0 if ref is not None else None, value, seconds, out)
+
+
+def _report(args, metric: str, fp, value, seconds: float, out: Path) -> int:
+    acts = "weights only" if args.act_bits is None else f"A{args.act_bits} {args.act_granularity}"
+    print(f"\n| model | method | weights | activations | transforms | {metric} | float | quantize (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    show = (lambda v: "-" if v is None else f"{v:.4f}")
+    groups = {-1: "per-channel", 0: "per-tensor"}.get(args.group_size, f"g{args.group_size}")
+    print(f"| {args.model} | {args.method} | W{args.bits} {groups} | {acts} | {args.transforms or '-'} | "
+          f"{show(value)} | {show(fp)} | {seconds:.1f} |")
+    print(f"\nsaved to {out}")
+    return 0
