@@ -121,51 +121,61 @@ def _ort_embeddings(path: Path, tok, sentences, batch_size: int = 32) -> torch.T
     return torch.cat(out)
 
 
-def ort_rows(base, tok, sentences, calib, ref, fp) -> list[dict]:
-    """ONNX Runtime's ``quantize_dynamic`` and ``quantize_static`` (QDQ) on the exported fp32 encoder."""
+def export_encoder(base, tok, path: Path) -> None:
+    """The fp32 encoder as ONNX (``input_ids``, ``attention_mask`` -> last hidden states), dynamic shapes."""
+    enc = tok(["an example sentence for tracing", "two"], padding=True, return_tensors="pt")
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Encoder(base).eval(), (enc["input_ids"], enc["attention_mask"]), str(path),
+                          input_names=["input_ids", "attention_mask"], output_names=["hidden"],
+                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), dynamo=True)
+
+
+def ort_quantize(fp_path: Path, calib, dynamic_path: Path, qdq_path: Path) -> dict:
+    """ONNX Runtime's ``quantize_dynamic`` and ``quantize_static`` (QDQ) of an exported encoder;
+    returns their wall times."""
+    import logging
+
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer logs a warning per tensor it leaves alone
+    graph = onnx.load(str(fp_path)).graph
+    names = [i.name for i in graph.input]
+    weights = {t.name for t in graph.initializer}
+    linears = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)]
+
     class Reader(CalibrationDataReader):
-        def __init__(self, names):
+        def __init__(self):
             ids, mask = calib["input_ids"][:64].numpy(), calib["attention_mask"][:64].numpy()
             self.items = iter([dict(zip(names, (ids[i:i + 8], mask[i:i + 8]))) for i in range(0, 64, 8)])
 
         def get_next(self):
             return next(self.items, None)
 
-    import logging
+    t0 = time.perf_counter()
+    quantize_dynamic(str(fp_path), str(dynamic_path), weight_type=QuantType.QInt8)
+    t_dyn = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # the points qbayes quantizes: the inputs and weights of the linears (MatMul/Gemm with a weight
+    # initializer); ORT's default also quantizes LayerNorm weights, additions and the attention matmuls
+    quantize_static(str(fp_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=linears)
+    return {"dynamic_s": t_dyn, "static_s": time.perf_counter() - t0}
 
-    logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer logs a warning per tensor it leaves alone
+
+def ort_rows(base, tok, sentences, calib, ref, fp) -> list[dict]:
+    """ONNX Runtime's ``quantize_dynamic`` and ``quantize_static`` (QDQ) on the exported fp32 encoder."""
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        fp_path = Path(d) / "minilm_fp32.onnx"
-        enc = tok(["an example sentence for tracing", "two"], padding=True, return_tensors="pt")
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_Encoder(base).eval(), (enc["input_ids"], enc["attention_mask"]), str(fp_path),
-                              input_names=["input_ids", "attention_mask"], output_names=["hidden"],
-                              dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), dynamo=True)
-        import onnx
-
-        graph = onnx.load(str(fp_path)).graph
-        names = [i.name for i in graph.input]
-        weights = {t.name for t in graph.initializer}
-        linears = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)]
+        fp_path, dyn, qdq = Path(d) / "minilm_fp32.onnx", Path(d) / "dynamic.onnx", Path(d) / "qdq.onnx"
+        export_encoder(base, tok, fp_path)
         fp_ort = float(cosine_to_reference(ref, _ort_embeddings(fp_path, tok, sentences)).mean())
-        dyn, qdq = Path(d) / "dynamic.onnx", Path(d) / "qdq.onnx"
-        t0 = time.perf_counter()
-        quantize_dynamic(str(fp_path), str(dyn), weight_type=QuantType.QInt8)
-        t_dyn = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        # the points qbayes quantizes: the inputs and weights of the linears (MatMul/Gemm with a weight
-        # initializer); ORT's default also quantizes LayerNorm weights, additions and the attention matmuls
-        quantize_static(str(fp_path), str(qdq), Reader(names), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=linears)
-        t_qdq = time.perf_counter() - t0
-        for method, path, ag, t in (("ort-quantize_dynamic", dyn, "per-tensor dynamic", t_dyn),
-                                    ("ort-quantize_static-qdq", qdq, "per-tensor", t_qdq)):
+        times = ort_quantize(fp_path, calib, dyn, qdq)
+        for method, path, ag, t in (("ort-quantize_dynamic", dyn, "per-tensor dynamic", times["dynamic_s"]),
+                                    ("ort-quantize_static-qdq", qdq, "per-tensor", times["static_s"])):
             value = float(cosine_to_reference(ref, _ort_embeddings(path, tok, sentences)).mean())
             r = _row("minilm", method, [], 8, -1 if method.endswith("qdq") else 0, "per-tensor", value, fp, t)
             r["w_granularity"] = "per-channel" if method.endswith("qdq") else "per-tensor"
