@@ -139,8 +139,9 @@ def table(res: dict) -> list[str]:
              "time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         value, fp, change = act_ptq_text.value_cells(r)
+        obs = "" if r["a_granularity"].endswith(r["a_observer"]) else " " + r["a_observer"]
         lines.append(f"| {r['model']} | {r['method']} | {'+'.join(r['transforms']) or '-'} | W{r['w_bits']} "
-                     f"{r['w_granularity']} | A{r['a_bits']} {r['a_granularity']} {r['a_observer']} | "
+                     f"{r['w_granularity']} | A{r['a_bits']} {r['a_granularity']}{obs} | "
                      f"{r['softmax_format'] or '-'} | {r['metric']} | {value} | {fp} | {change} | {r['quantize_s']:.1f} |")
     return lines
 

@@ -174,12 +174,12 @@ def ort_rows(base, tok, sentences, calib, ref, fp) -> list[dict]:
         export_encoder(base, tok, fp_path)
         fp_ort = float(cosine_to_reference(ref, _ort_embeddings(fp_path, tok, sentences)).mean())
         times = ort_quantize(fp_path, calib, dyn, qdq)
-        for method, path, ag, t in (("ort-quantize_dynamic", dyn, "per-tensor dynamic", times["dynamic_s"]),
+        for method, path, ag, t in (("ort-quantize_dynamic", dyn, "per-tensor", times["dynamic_s"]),
                                     ("ort-quantize_static-qdq", qdq, "per-tensor", times["static_s"])):
             value = float(cosine_to_reference(ref, _ort_embeddings(path, tok, sentences)).mean())
             r = _row("minilm", method, [], 8, -1 if method.endswith("qdq") else 0, "per-tensor", value, fp, t)
             r["w_granularity"] = "per-channel" if method.endswith("qdq") else "per-tensor"
-            r["a_granularity"], r["a_observer"] = ag, "minmax" if ag == "per-tensor" else "dynamic"
+            r["a_observer"] = "minmax" if method.endswith("qdq") else "dynamic"
             r["ort_fp32_cosine"] = fp_ort
             rows.append(r)
     return rows
