@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT  # noqa: E402
 from readme_bayes import calibration, flows, sgmcmc, uci  # noqa: E402
 from readme_llm import encoder, gguf, gpu_check, llm_ptq, llm_ptq_timing, mixed_budget, mixed_spearman  # noqa: E402
-from readme_vision import act_ptq, int8, onnx_qdq  # noqa: E402
+from readme_vision import act_ptq, int8, int8_models, onnx_qdq  # noqa: E402
 from readme_speed import decode, kernels, kernels_3bit, kernels_gpu, kernels_smollm2  # noqa: E402
 
 README = ROOT / "README.md"
@@ -65,6 +65,7 @@ BLOCKS: dict[str, Block] = {
     "encoder": Block(("encoder",), encoder),
     "act_ptq": Block(("act_ptq",), act_ptq),
     "int8": Block(("int8",), int8),
+    "int8_models": Block(("int8_models",), int8_models),
     "onnx_qdq": Block(("onnx_qdq",), onnx_qdq),
 }
 

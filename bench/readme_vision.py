@@ -34,3 +34,12 @@ def onnx_qdq(res: dict) -> str:
                      f"{u['max_rel']:.1e} | {r['codes']['rule_mismatches']} of {r['codes']['codes']:,} |")
     return "\n".join(lines) + ("\n\nW8A8 per-tensor static QDQ models run by ONNX Runtime "
                                f"{res['onnxruntime']}; protocol in `bench/results/onnx_qdq.md`.")
+
+
+def int8_models(res: dict) -> str:
+    import int8_models as bench
+
+    m = res["machine"]
+    return "\n".join(bench.table(res)) + (
+        f"\n\n{m['cpu']}, {m['threads']} threads (torch and ONNX Runtime), median of {res['rounds']} interleaved "
+        "rounds; protocol in `bench/results/int8_models.md`; rerun with `python bench/int8_models.py`.")
