@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import act_ptq_text  # noqa: E402
 from common import machine, provenance, write_results  # noqa: E402
 from qbayes import ActSpec, QuantSpec, quantize_, quantize_activations_  # noqa: E402
-from qbayes.data import load_cifar10_test, load_image_dataset  # noqa: E402
+from qbayes.data import classifier_splits  # noqa: E402
+from qbayes.eval import top1  # noqa: E402
 from qbayes.models.vision import load_vision  # noqa: E402
 from qbayes.transforms import TRANSFORMS, absorb_high_bias, correct_bias, reparameterize_layernorms  # noqa: E402
 
@@ -77,18 +78,7 @@ CONFIGS = [
 
 
 def data(model: str):
-    if model == "cifar10-cnn":
-        (xc, _), (xe, ye) = load_cifar10_test("calib"), load_cifar10_test("eval")
-        return xc, xe, ye
-    x, _ = load_image_dataset("fashion-mnist", "train", normalize=None)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:1000]
-    xe, ye = load_image_dataset("fashion-mnist", "test", normalize=None)
-    return x[idx], xe, ye
-
-
-@torch.no_grad()
-def top1(model, x, y) -> float:
-    return float(torch.cat([model(b).argmax(1) for b in x.split(500)]).eq(y).float().mean())
+    return classifier_splits(model)
 
 
 def run_row(cfg, calib, xe, ye, fp: float) -> dict:

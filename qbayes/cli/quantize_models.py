@@ -41,27 +41,6 @@ def act_spec(args):
                    observer="minmax" if dynamic else args.act_observer)
 
 
-def _vision_data(name: str):
-    import torch
-
-    from ..data import load_cifar10_test, load_image_dataset
-
-    if name == "cifar10-cnn":
-        (xc, _), (xe, ye) = load_cifar10_test("calib"), load_cifar10_test("eval")
-        return xc, xe, ye
-    x, _ = load_image_dataset("fashion-mnist", "train", normalize=None)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:1000]
-    xe, ye = load_image_dataset("fashion-mnist", "test", normalize=None)
-    return x[idx], xe, ye
-
-
-def _top1(model, x, y) -> float:
-    import torch
-
-    with torch.no_grad():
-        return float(torch.cat([model(b).argmax(1) for b in x.split(500)]).eq(y).float().mean())
-
-
 def quantize_vision(args, spec, out: Path) -> int:
     from .. import quantize_, quantize_activations_, save_quantized
     from ..models.vision import load_vision
@@ -72,8 +51,11 @@ def quantize_vision(args, spec, out: Path) -> int:
     aspec = act_spec(args)
     if "smoothquant" in transforms and aspec is None:
         raise QBayesError("--transforms smoothquant moves activation outliers into the weights: give --act-bits")
+    from ..data import classifier_splits
+    from ..eval import top1 as _top1
+
     model = load_vision(args.model)
-    calib, xe, ye = _vision_data(args.model)
+    calib, xe, ye = classifier_splits(args.model)
     fp = None if args.no_eval else _top1(model, xe, ye)
     t0 = time.perf_counter()
     for t in transforms:
