@@ -43,7 +43,8 @@ from qbayes import ActSpec, QuantSpec, quantize_, quantize_activations_  # noqa:
 from qbayes.data import classifier_splits  # noqa: E402
 from qbayes.eval import top1  # noqa: E402
 from qbayes.models.vision import load_vision  # noqa: E402
-from qbayes.transforms import TRANSFORMS, absorb_high_bias, correct_bias, reparameterize_layernorms  # noqa: E402
+from qbayes.transforms import correct_bias  # noqa: E402
+from qbayes.transforms.pipeline import apply_rewrites  # noqa: E402
 
 # (model, method, transforms, w_bits, w_granularity, a_bits, a_granularity, activation observer, attention softmax format)
 CONFIGS = [
@@ -85,13 +86,7 @@ def run_row(cfg, calib, xe, ye, fp: float) -> dict:
     name, method, transforms, wb, wg, ab, ag, observer, soft = cfg
     model = load_vision(name)
     t0 = time.perf_counter()
-    for t in transforms:
-        if t == "absorb":
-            absorb_high_bias(model, calib.split(100))
-        elif t == "repq":
-            reparameterize_layernorms(model, calib.split(100))
-        elif t != "biascorr":
-            TRANSFORMS[t](model)
+    apply_rewrites(model, transforms, calib)
     reference = copy.deepcopy(model) if "biascorr" in transforms else None
     spec = (QuantSpec(wb, 0, symmetric=True, clip="minmax", scale_dtype="float32") if wg == "per-tensor"
             else QuantSpec(wb, -1, symmetric=True, clip="mse", scale_dtype="float32"))

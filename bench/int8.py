@@ -37,7 +37,7 @@ from qbayes.algorithms.rtn import rtn  # noqa: E402
 from qbayes.benchmarks.kernels_cpu import timeit  # noqa: E402
 from qbayes.kernels import int8 as k8  # noqa: E402
 from qbayes.nn import Int8Conv2d, Int8Linear, QuantConv2d, QuantLinear  # noqa: E402
-from qbayes.nn.act_quant import ActQuant, attach_input_quant  # noqa: E402
+from qbayes.nn.act_quant import calibrate_input_quant  # noqa: E402
 from qbayes.spec import ActSpec, QuantSpec  # noqa: E402
 
 W8 = QuantSpec(bits=8, group_size=-1, symmetric=True, clip="minmax", scale_dtype="float32")
@@ -47,13 +47,7 @@ ENGINES = ("fbgemm", "x86")
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated")  # torch's own modules warn
 
 
-def _quantizer(layer, aspec, calib):
-    q = attach_input_quant(layer, ActQuant(aspec, channel_axis=1 if isinstance(layer, QuantConv2d) else -1))
-    if not aspec.dynamic:
-        with torch.no_grad():
-            layer(calib)
-        q.freeze()
-    return layer
+_quantizer = calibrate_input_quant
 
 
 def _rel(y, ref) -> float:

@@ -15,7 +15,7 @@ from qbayes.algorithms.rtn import rtn
 from qbayes.errors import KernelError, QBayesError
 from qbayes.kernels import int8 as k8
 from qbayes.nn import Int8Conv2d, Int8Linear, QuantConv2d, QuantLinear, to_int8_
-from qbayes.nn.act_quant import ActQuant, attach_input_quant
+from qbayes.nn.act_quant import ActQuant, attach_input_quant, calibrate_input_quant
 from qbayes.spec import ActSpec, QuantSpec
 
 W8 = QuantSpec(bits=8, group_size=-1, symmetric=True, clip="minmax", scale_dtype="float32")
@@ -200,13 +200,7 @@ def _quant_conv(cin, out, ks, spec=W8, **geo):
                                       bias_dtype=torch.float32)
 
 
-def _with_input_quant(layer, aspec, calib):
-    q = attach_input_quant(layer, ActQuant(aspec, channel_axis=1 if isinstance(layer, QuantConv2d) else -1))
-    if not aspec.dynamic:
-        with torch.no_grad():
-            layer(calib)
-        q.freeze()
-    return layer
+_with_input_quant = calibrate_input_quant
 
 
 def _close(y, ref):

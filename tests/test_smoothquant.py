@@ -90,3 +90,21 @@ def test_smoothquant_refuses_packed_layers_and_bad_alpha():
     quantize_(m, QuantSpec(bits=8, group_size=-1), "rtn", calib, progress=False)
     with pytest.raises(QBayesError, match="before quantize_"):
         quantize_activations_(m, ActSpec(8), calib, smoothquant="search", progress=False)
+
+
+def test_rewrite_pipeline_preserves_function_and_names_errors():
+    from qbayes.transforms.pipeline import apply_rewrites
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+        assert apply_rewrites(net, ["bnfold", "cle", "biascorr", "absorb"], x) == ["bnfold", "cle", "absorb"]
+        torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    with pytest.raises(QBayesError, match="unknown rewrite"):
+        apply_rewrites(net, ["rotate"])
+    with pytest.raises(QBayesError, match="calibration data"):
+        apply_rewrites(net, ["absorb"])

@@ -44,8 +44,8 @@ def act_spec(args):
 def quantize_vision(args, spec, out: Path) -> int:
     from .. import quantize_, quantize_activations_, save_quantized
     from ..models.vision import load_vision
-    from ..transforms import TRANSFORMS as REWRITES
-    from ..transforms import absorb_high_bias, correct_bias, reparameterize_layernorms
+    from ..transforms import correct_bias
+    from ..transforms.pipeline import apply_rewrites
 
     transforms = parse_transforms(args.transforms, "vision")
     aspec = act_spec(args)
@@ -58,13 +58,7 @@ def quantize_vision(args, spec, out: Path) -> int:
     calib, xe, ye = classifier_splits(args.model)
     fp = None if args.no_eval else _top1(model, xe, ye)
     t0 = time.perf_counter()
-    for t in transforms:
-        if t == "absorb":
-            absorb_high_bias(model, calib.split(100))
-        elif t == "repq":
-            reparameterize_layernorms(model, calib.split(100))
-        elif t in REWRITES:
-            REWRITES[t](model)
+    apply_rewrites(model, transforms, calib)
     reference = copy.deepcopy(model) if "biascorr" in transforms else None
     vit = args.model == "fmnist-vit"
     if aspec is not None:  # ranges first, so GPTQ's statistic is of the quantized inputs

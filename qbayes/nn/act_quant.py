@@ -127,6 +127,19 @@ def quantize_inputs(model: nn.Module, names, spec: ActSpec) -> dict[str, ActQuan
     return out
 
 
+def calibrate_input_quant(layer: nn.Module, spec: ActSpec, calib: torch.Tensor) -> nn.Module:
+    """Put an input quantizer on one layer and, if static, calibrate it on ``calib`` (one batch);
+    returns the layer. (Whole models: :func:`qbayes.quantize_activations_`.)"""
+    from .quant_conv import QuantConv2d
+
+    quant = attach_input_quant(layer, ActQuant(spec, channel_axis=1 if isinstance(layer, (nn.Conv2d, QuantConv2d)) else -1))
+    if not spec.dynamic:
+        with torch.no_grad():
+            layer(calib)
+        quant.freeze()
+    return layer
+
+
 def attach_input_quant(layer: nn.Module, quant: ActQuant) -> ActQuant:
     """Make ``quant`` quantize ``layer``'s first input (child ``input_quant`` + a forward pre-hook);
     module surgery uses it to carry a quantizer over to the packed module replacing a layer."""
