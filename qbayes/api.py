@@ -174,9 +174,8 @@ def quantize_activations_(
                 adapter.forward(b)
 
         _require_calib(calib, "SmoothQuant needs")
-        smoothing = smooth_linears({n: layers[n] for n in names if isinstance(layers[n], nn.Linear)
-                                    or isinstance(layers[n], QuantLinear)}, run_calibration, spec, smoothquant,
-                                   smoothquant_w_bits)
+        linears = {n: layers[n] for n in names if isinstance(layers[n], (nn.Linear, QuantLinear))}
+        smoothing = smooth_linears(linears, run_calibration, spec, smoothquant, smoothquant_w_bits)
     points = quantize_inputs(model, names, spec)
     for name, sm in smoothing.items():
         points[name].smooth = sm["inv_scale"].to(_device_of(model))
