@@ -15,6 +15,7 @@ from .calibrate import quantize_blocks
 from .errors import CalibrationError, QBayesError
 from .formats import group_view
 from .models import ModelAdapter, adapter_for
+from .models.hf_attention import SOFTMAX_POINTS
 from .nn import (DEFAULT_EXCLUDE, QuantConv2d, QuantLinear, check_conv, check_selection, name_filter, packed_like,
                  set_module, weight_matrix)
 from .nn.act_quant import ActQuant, quantize_inputs
@@ -119,11 +120,6 @@ def quantize_(
     return model
 
 
-#: operand points of attention matmuls a model may expose as ``nn.Identity`` modules (qbayes's ViT does)
-MATMUL_POINTS = ("q_point", "k_point", "v_point")
-SOFTMAX_POINTS = ("probs_point",)
-
-
 def quantize_activations_(
     model: nn.Module | ModelAdapter,
     spec: ActSpec,
@@ -143,10 +139,11 @@ def quantize_activations_(
     Every ``nn.Linear``/``nn.Conv2d`` of the model (not only those in its blocks) that the glob
     filters keep (by default all but embeddings and ``lm_head``) gets an :class:`~qbayes.nn.act_quant.ActQuant` in front of it; static
     ranges are observed on ``calib`` (batches in the model adapter's language) and frozen.
-    ``matmuls`` also quantizes the operands of attention matmuls where the model exposes them
-    (``nn.Identity`` points named ``q_point``/``k_point``/``v_point``), and ``softmax`` the
-    attention probabilities (``probs_point``; e.g. ``ActSpec(4, format="logsqrt2")``; defaults to
-    ``matmuls``). ``smoothquant`` (an ``α`` in [0, 1], or ``"search"`` for a per-layer search
+    ``matmuls`` also quantizes the operands of the attention matmuls (the model adapter's
+    ``nn.Identity`` points ``q_point``/``k_point``/``v_point``: qbayes's ViT defines them, Hugging
+    Face BERT/ViT/Llama-style models get them through :mod:`qbayes.models.hf_attention`), and
+    ``softmax`` the attention probabilities (``probs_point``; e.g. ``ActSpec(4, format="logsqrt2")``;
+    defaults to ``matmuls``). ``smoothquant`` (an ``α`` in [0, 1], or ``"search"`` for a per-layer search
     against ``smoothquant_w_bits``-bit weights) first rescales every float ``nn.Linear``'s input
     channels (:mod:`qbayes.transforms.smoothquant`; call it before ``quantize_``). Returns
     ``{point name: quantizer}``; the model keeps them as submodules.
@@ -180,12 +177,18 @@ def quantize_activations_(
     for name, sm in smoothing.items():
         points[name].smooth = sm["inv_scale"].to(_device_of(model))
     softmax = softmax or matmuls
-    for name, mod in list(model.named_modules()):
-        leaf = name.rsplit(".", 1)[-1]
-        point_spec = matmuls if leaf in MATMUL_POINTS else softmax if leaf in SOFTMAX_POINTS else None
-        if point_spec is not None and isinstance(mod, nn.Identity):
-            points[name] = ActQuant(point_spec)
-            set_module(model, name, points[name])
+    if matmuls is not None or softmax is not None:
+        attention = adapter.attention_points()
+        if not attention:
+            raise QBayesError(f"matmuls=/softmax=: this {adapter.family} model has no attention matmuls qbayes can "
+                              "reach (its own ViT and Hugging Face models whose attention uses transformers' "
+                              "attention interface have them)")
+        mods = dict(model.named_modules())
+        for name in attention:
+            point_spec = softmax if name.endswith(SOFTMAX_POINTS) else matmuls
+            if point_spec is not None and isinstance(mods[name], nn.Identity):
+                points[name] = ActQuant(point_spec)
+                set_module(model, name, points[name])
     if any(not q.spec.dynamic for q in points.values()):
         _require_calib(calib, "static activation ranges need")
         batches = adapter.batches(calib, batch_size, _device_of(model))

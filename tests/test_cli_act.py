@@ -5,6 +5,7 @@ import re
 
 import torch
 
+from qbayes.nn.act_quant import ActQuant
 from qbayes import ActSpec, QuantSpec, load_quantized, quantize_, quantize_activations_
 from qbayes.cli import main
 from qbayes.data import load_cifar10_test
@@ -52,3 +53,25 @@ def test_options_that_do_not_fit_are_errors(model_dir, tmp_path, capsys):
     assert "give --act-bits" in capsys.readouterr().err
     assert main(["quantize", "--model", "fmnist-vit", "--transforms", "smoothquant", "--out", str(tmp_path / "v")]) == 2
     assert "give --act-bits" in capsys.readouterr().err
+
+
+def test_lm_attention_matmuls_through_the_cli(model_dir, tmp_path, capsys):
+    out = tmp_path / "att"
+    rc = main(["quantize", "--model", str(model_dir), "--bits", "8", "--group-size", "per-channel", "--method", "rtn",
+               "--act-bits", "8", "--attn-bits", "6", "--softmax-format", "logsqrt2", "--calib-samples", "4",
+               "--out", str(out), "--no-eval", *ARGS])
+    assert rc == 0, capsys.readouterr().err
+    loaded, _ = load_quantized(out)
+    specs = {n.rsplit(".", 1)[-1]: m.spec for n, m in loaded.named_modules() if isinstance(m, ActQuant)}
+    assert specs["q_point"] == ActSpec(6) and specs["probs_point"] == ActSpec(6, format="logsqrt2")
+    assert specs["input_quant"] == ActSpec(8)
+
+
+def test_attention_options_that_do_not_fit_are_errors(model_dir, tmp_path, capsys):
+    assert main(["quantize", "--model", str(model_dir), "--attn-bits", "8", "--out", str(tmp_path / "a"), *ARGS]) == 2
+    assert "give --act-bits too" in capsys.readouterr().err
+    assert main(["quantize", "--model", "cifar10-cnn", "--act-bits", "8", "--attn-bits", "8",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "has no attention" in capsys.readouterr().err
+    assert main(["quantize", "--model", "fmnist-vit", "--act-bits", "8", "--softmax-format", "log2", "--attn-bits",
+                 "4", "--out", str(tmp_path / "c"), "--no-eval"]) == 0

@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-dynamic", action="store_true", help="compute activation ranges at run time")
     q.add_argument("--act-observer", default="minmax", choices=["minmax", "ema", "percentile", "mse", "entropy"],
                    help="how static activation ranges are calibrated (default minmax)")
+    q.add_argument("--attn-bits", type=_bits, default=None,
+                   help="also quantize the operands of both attention matmuls (queries, keys, softmax output, "
+                        "values), static per tensor (default: as --act-bits for fmnist-vit, off otherwise)")
+    q.add_argument("--softmax-format", default="int", choices=["int", "log2", "logsqrt2"],
+                   help="format of the quantized softmax output (default int; log2/logsqrt2 keep small "
+                        "probabilities at 4 bits)")
     q.add_argument("--transforms", default="",
                    help="comma-separated rewrites, in order: bnfold,cle,absorb,biascorr,repq (classifiers), "
                         "smoothquant (any model, with --act-bits)")
@@ -92,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="output file (default PATH/model.onnx or PATH/model.gguf); never a file of the checkpoint")
     x.add_argument("--force", action="store_true", help="overwrite an existing output file")
     x.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
-                   help="onnx: run the export in ONNX Runtime on a few windows and compare logits (default on)")
+                   help="onnx: run the export in ONNX Runtime on a few windows or images and compare it with qbayes "
+                        "(default on); checkpoints with activation quantizers export as QDQ models")
     x.add_argument("--kv-cache", action="store_true",
                    help="onnx: write a decode-step graph with a key/value cache (input_ids, past_keys, past_values "
                         "-> logits, present_keys, present_values; Llama-architecture models) instead of the "

@@ -1,4 +1,5 @@
-"""``qbayes export``: a saved quantized model to ONNX (checked in ONNX Runtime) or GGUF."""
+"""``qbayes export``: a saved quantized model to ONNX (checked in ONNX Runtime) or GGUF; a checkpoint
+with activation quantizers becomes a QDQ model (:mod:`.export_qdq`)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -10,12 +11,17 @@ from ..errors import QBayesError
 def _export(args) -> int:
     import torch
 
-    from ..io import check_out_file, load_quantized, own_files
+    from ..io import check_out_file, load_quantized, own_files, read_metadata
 
     default = "model.gguf" if args.to == "gguf" else "model_decode.onnx" if args.kv_cache else "model.onnx"
     out = Path(args.out) if args.out else Path(args.path) / default
     protected = [Path(args.path) / n for n in own_files(Path(args.path))]
     check_out_file(out, force=args.force, protected=protected)  # before minutes of export
+    meta = read_metadata(args.path)
+    if "activations" in meta and args.to == "onnx":
+        from .export_qdq import export_activation_checkpoint
+
+        return export_activation_checkpoint(args, meta, out)
     model, _ = load_quantized(args.path)
     if args.to == "gguf":
         return _export_gguf(args, model, out)

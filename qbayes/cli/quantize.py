@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import QBayesError
 from .common import _model_name, _resolve_model, _table, _windows
 from .mixed import allocate_for
-from .quantize_models import ENCODERS, VISION, act_spec, parse_transforms
+from .quantize_models import ENCODERS, VISION, act_spec, attention_specs, parse_transforms
 
 
 def _quantize_shipped(args) -> int:
@@ -63,6 +63,7 @@ def _quantize(args) -> int:
     aspec = act_spec(args)
     if transforms and aspec is None:
         raise QBayesError("--transforms smoothquant moves activation outliers into the weights: give --act-bits")
+    matmuls, softmax = attention_specs(args, aspec)
     model_path = _resolve_model(args.model)
     model, tok = load_causal_lm(model_path)
     check_free_space(out, 2 * sum(p.numel() for p in model.parameters()))  # fp16 is an upper bound
@@ -98,8 +99,8 @@ def _quantize(args) -> int:
     if aspec is not None:  # ranges (and SmoothQuant) on the float weights, so GPTQ sees quantized inputs
         from .. import quantize_activations_
 
-        quantize_activations_(model, aspec, calib, smoothquant="search" if transforms else None,
-                              smoothquant_w_bits=args.bits, batch_size=args.batch_size)
+        quantize_activations_(model, aspec, calib, smoothquant="search" if transforms else None, matmuls=matmuls,
+                              softmax=softmax, smoothquant_w_bits=args.bits, batch_size=args.batch_size)
     quantize_(model, target, args.method, calib, batch_size=args.batch_size, head=head, **options)
     qs = time.perf_counter() - t0
     if record is not None:

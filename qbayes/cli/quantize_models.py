@@ -41,6 +41,23 @@ def act_spec(args):
                    observer="minmax" if dynamic else args.act_observer)
 
 
+def attention_specs(args, aspec, default_on: bool = False):
+    """``(matmuls, softmax)`` ActSpecs of ``--attn-bits`` / ``--softmax-format`` (None: not quantized)."""
+    from ..spec import ActSpec
+
+    bits = args.attn_bits if args.attn_bits is not None else (aspec.bits if default_on and aspec else None)
+    if bits is None:
+        if args.softmax_format != "int":
+            raise QBayesError("--softmax-format quantizes the attention probabilities: give --attn-bits")
+        return None, None
+    if aspec is None:
+        raise QBayesError("--attn-bits quantizes activations inside attention: give --act-bits too")
+    matmuls = aspec if args.attn_bits is None else ActSpec(bits, observer=aspec.observer if not aspec.dynamic
+                                                          else "minmax")
+    softmax = None if args.softmax_format == "int" else ActSpec(bits, format=args.softmax_format)
+    return matmuls, softmax
+
+
 def quantize_vision(args, spec, out: Path) -> int:
     from .. import quantize_, quantize_activations_, save_quantized
     from ..models.vision import load_vision
@@ -51,6 +68,9 @@ def quantize_vision(args, spec, out: Path) -> int:
     aspec = act_spec(args)
     if "smoothquant" in transforms and aspec is None:
         raise QBayesError("--transforms smoothquant moves activation outliers into the weights: give --act-bits")
+    matmuls, softmax = attention_specs(args, aspec, default_on=args.model == "fmnist-vit")
+    if matmuls is not None and args.model != "fmnist-vit":
+        raise QBayesError(f"--attn-bits: {args.model} has no attention")
     from ..data import classifier_splits
     from ..eval import top1 as _top1
 
@@ -60,9 +80,8 @@ def quantize_vision(args, spec, out: Path) -> int:
     t0 = time.perf_counter()
     apply_rewrites(model, transforms, calib)
     reference = copy.deepcopy(model) if "biascorr" in transforms else None
-    vit = args.model == "fmnist-vit"
     if aspec is not None:  # ranges first, so GPTQ's statistic is of the quantized inputs
-        quantize_activations_(model, aspec, calib, exclude=("*embed*",), matmuls=aspec if vit else None,
+        quantize_activations_(model, aspec, calib, exclude=("*embed*",), matmuls=matmuls, softmax=softmax,
                               smoothquant="search" if "smoothquant" in transforms else None,
                               smoothquant_w_bits=spec.bits, batch_size=100)
     quantize_(model, spec, args.method, calib if args.method == "gptq" else None, convs=True, exclude=("*embed*",),
@@ -84,6 +103,7 @@ def quantize_encoder(args, spec, out: Path) -> int:
     aspec = act_spec(args)
     if transforms and aspec is None:
         raise QBayesError("--transforms smoothquant moves activation outliers into the weights: give --act-bits")
+    matmuls, softmax = attention_specs(args, aspec)
     model, tok = load_encoder(str(minilm_l6()))
     sentences = sentence_lines(Path(args.eval_text) if args.eval_text else data_path(EVAL_TEXT), min_words=8)
     ref = None if args.no_eval else sentence_embeddings(model, tok, sentences, max_length=128, progress=True)
@@ -91,8 +111,8 @@ def quantize_encoder(args, spec, out: Path) -> int:
     calib = encoder_windows(tokenize_file(cpath, tok), tok, seqlen=128, n=max(args.calib_samples, 128), seed=0)
     t0 = time.perf_counter()
     if aspec is not None:
-        quantize_activations_(model, aspec, calib, smoothquant="search" if transforms else None,
-                              smoothquant_w_bits=spec.bits, batch_size=16)
+        quantize_activations_(model, aspec, calib, smoothquant="search" if transforms else None, matmuls=matmuls,
+                              softmax=softmax, smoothquant_w_bits=spec.bits, batch_size=16)
     quantize_(model, spec, args.method, calib, batch_size=16, act_order=args.act_order) if args.method == "gptq" \
         else quantize_(model, spec, args.method, calib, batch_size=16)
     seconds = time.perf_counter() - t0
@@ -105,6 +125,8 @@ def quantize_encoder(args, spec, out: Path) -> int:
 
 def _report(args, metric: str, fp, value, seconds: float, out: Path) -> int:
     acts = "weights only" if args.act_bits is None else f"A{args.act_bits} {args.act_granularity}"
+    if args.attn_bits is not None:
+        acts += f", attention A{args.attn_bits}" + ("" if args.softmax_format == "int" else f" ({args.softmax_format} softmax)")
     print(f"\n| model | method | weights | activations | transforms | {metric} | float | quantize (s) |")
     print("|---|---|---|---|---|---|---|---|")
     show = (lambda v: "-" if v is None else f"{v:.4f}")

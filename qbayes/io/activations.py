@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, QBayesError
+from ..models.hf_attention import POINTS, add_attention_points
 from ..nn import set_module
 from ..nn.act_quant import ActQuant, attach_input_quant
 from ..spec import ActSpec
@@ -41,6 +42,9 @@ def restore(model: nn.Module, points: dict, header: dict, path, device=None) -> 
     if not isinstance(points, dict):
         raise CheckpointError(f"{path}: field 'activations' must map point names to entries")
     mods = dict(model.named_modules())
+    if any(n not in mods and n.rsplit(".", 1)[-1] in POINTS for n in points):
+        add_attention_points(model)  # a Hugging Face model: its attention points are not in the float model
+        mods = dict(model.named_modules())
     for name, info in points.items():
         if not isinstance(info, dict) or info.get("kind") not in ("input", "module"):
             raise CheckpointError(f"{path}: activation point {name!r} is malformed")

@@ -5,7 +5,7 @@ An adapter knows, for one family of models,
 
 * its **blocks** (the repeated units calibrated one after another; a model without repeated
   blocks is one block, named ``""``) and the **quantizable layers** inside them
-  (``nn.Linear`` and ``nn.Conv2d``);
+  (``nn.Linear`` and ``nn.Conv2d``), and the **attention matmul points** (:meth:`~ModelAdapter.attention_points`);
 * what a **batch** is (token ids, a dict of tensors, pixels, ``(x, y)`` pairs): how to check
   calibration data and split it into batches, and how to run the model on one;
 * how to run to the **first block** (capturing its call arguments) and how one block's output
@@ -96,6 +96,15 @@ class ModelAdapter(ABC):
     def output_head(self) -> str | None:
         """Qualified name of the output head (an ``nn.Linear`` outside the blocks), if any."""
         return None
+
+    def attention_points(self) -> list[str]:
+        """Names of the ``nn.Identity`` points around the attention matmuls (``q_point``,
+        ``k_point``, ``probs_point``, ``v_point``): those the model defines itself (qbayes's ViT),
+        else those :func:`~qbayes.models.hf_attention.add_attention_points` gives a Hugging Face
+        model; ``[]`` for a model without attention."""
+        from .hf_attention import add_attention_points, exposed_points
+
+        return exposed_points(self.model) or add_attention_points(self.model)
 
     # ---------------------------------------------------------------------- data
     def check_batch(self, batch: Batch) -> Batch:
