@@ -6,7 +6,9 @@ Protocol (recorded in the JSON):
 
 * all-MiniLM-L6-v2: the protocol of ``bench/encoder.py`` (WikiText-2 test lines, mean-pooled
   embeddings, cosine to the fp32 model's; calibration: 512 PTB-valid windows of 128 tokens).
-  Activations: the input of every linear (embeddings stay float).
+  Activations: the input of every linear (embeddings stay float); rows with a softmax format
+  also quantize the four attention-matmul operands (queries, keys, softmax output, values; static
+  per-tensor 8-bit min-max, at the points of ``qbayes.models.hf_attention``).
 * ONNX Runtime rows: the fp32 encoder exported with ``torch.onnx.export(dynamo=True)``, then
   ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, dynamic uint8 activations, ORT's
   defaults) and ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, min-max
@@ -38,14 +40,17 @@ from qbayes.data import (CALIB_TEXT, EVAL_TEXT, calibration_windows, data_path, 
 from qbayes.eval import cosine_to_reference, perplexity, sentence_embeddings
 from qbayes.models import load_causal_lm, load_encoder, minilm_l6, smollm2_135m
 
-# (model, method, transforms, w_bits, w_group (-1 per channel), a_granularity)
+# (model, method, transforms, w_bits, w_group (-1 per channel), a_granularity[, attention softmax format])
 CONFIGS = [
     ("minilm", "rtn", [], 8, -1, "per-tensor"),
     ("minilm", "rtn", ["smoothquant"], 8, -1, "per-tensor"),
+    ("minilm", "rtn", ["smoothquant"], 8, -1, "per-tensor", "int"),
     ("minilm", "rtn", [], 8, -1, "per-token"),
+    ("minilm", "rtn", [], 8, -1, "per-token", "int"),
     ("minilm", "gptq", [], 4, 32, "per-token"),
     ("minilm", "gptq", ["smoothquant"], 4, 32, "per-tensor"),
     ("smollm2", "rtn", [], 8, -1, "per-token"),
+    ("smollm2", "rtn", [], 8, -1, "per-token", "int"),
     ("smollm2", "rtn", [], 8, -1, "per-tensor"),
     ("smollm2", "rtn", ["smoothquant"], 8, -1, "per-tensor"),
     ("smollm2", "rtn", ["smoothquant"], 8, -1, "per-token"),
@@ -83,26 +88,28 @@ def _score(name, model, tok, evaluation, ref):
     return perplexity(model, evaluation, progress=False)
 
 
-def _row(name, method, transforms, wb, wg, ag, value, fp, seconds, a_observer="minmax") -> dict:
+def _row(name, method, transforms, wb, wg, ag, value, fp, seconds, a_observer="minmax", soft=None) -> dict:
     return {"model": MODELS[name], "method": method, "transforms": transforms, "w_bits": wb,
             "w_granularity": "per-channel" if wg == -1 else f"g{wg}", "a_bits": 8, "a_granularity": ag,
-            "a_observer": a_observer if ag == "per-tensor" else "dynamic", "softmax_format": None,
+            "a_observer": a_observer if ag == "per-tensor" else "dynamic", "softmax_format": soft,
             "metric": "cosine" if name == "minilm" else "ppl", "value": value, "fp_value": fp, "quantize_s": seconds}
 
 
 def run_config(cfg, base, tok, evaluation, calib, ref, fp) -> dict:
-    name, method, transforms, wb, wg, ag = cfg
+    name, method, transforms, wb, wg, ag, soft = (*cfg, None)[:7]
     model = copy.deepcopy(base)
     bs = 16 if name == "minilm" else 4
     t0 = time.perf_counter()
     aspec = ActSpec(8, ag, dynamic=ag == "per-token")
+    matmuls = ActSpec(8) if soft else None  # attention operands: static per-tensor min-max
     quantize_activations_(model, aspec, calib, smoothquant="search" if "smoothquant" in transforms else None,
-                          smoothquant_w_bits=wb, batch_size=bs, progress=False)
+                          smoothquant_w_bits=wb, matmuls=matmuls, batch_size=bs, progress=False)
     opts = {"act_order": True} if method == "gptq" else {}
     quantize_(model, QuantSpec(bits=wb, group_size=wg, symmetric=False, clip="mse"), method, calib,
               batch_size=bs, progress=False, **opts)
     seconds = time.perf_counter() - t0
-    return _row(name, method, transforms, wb, wg, ag, _score(name, model, tok, evaluation, ref), fp, seconds)
+    return _row(name, method, transforms, wb, wg, ag, _score(name, model, tok, evaluation, ref), fp, seconds,
+                soft=soft)
 
 
 def _ort_embeddings(path: Path, tok, sentences, batch_size: int = 32) -> torch.Tensor:
