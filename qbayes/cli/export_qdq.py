@@ -23,8 +23,10 @@ import torch
 
 from ..errors import QBayesError
 
-#: the least agreement ``--check`` accepts
-MIN_TOP1_AGREEMENT, MIN_COSINE = 0.99, 0.99
+#: the least agreement ``--check`` accepts: a guard against a broken export (a wrong scale or layout
+#: scores far below), not a bound on tie flips (MiniLM W8A8 with its attention matmuls quantized
+#: measured a 0.9974 mean / 0.9901 minimum sentence cosine between the two runs)
+MIN_TOP1_AGREEMENT, MIN_COSINE = 0.99, 0.98
 
 
 def load_activation_checkpoint(path: Path, meta: dict):
