@@ -125,8 +125,9 @@ def quantize_encoder(args, spec, out: Path) -> int:
 
 def _report(args, metric: str, fp, value, seconds: float, out: Path) -> int:
     acts = "weights only" if args.act_bits is None else f"A{args.act_bits} {args.act_granularity}"
-    if args.attn_bits is not None:
-        acts += f", attention A{args.attn_bits}" + ("" if args.softmax_format == "int" else f" ({args.softmax_format} softmax)")
+    matmuls, softmax = attention_specs(args, act_spec(args), default_on=args.model == "fmnist-vit")
+    if matmuls is not None:
+        acts += f", attention A{matmuls.bits}" + ("" if softmax is None else f" ({softmax.format} softmax)")
     print(f"\n| model | method | weights | activations | transforms | {metric} | float | quantize (s) |")
     print("|---|---|---|---|---|---|---|---|")
     show = (lambda v: "-" if v is None else f"{v:.4f}")
