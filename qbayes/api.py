@@ -131,6 +131,8 @@ def quantize_activations_(
     softmax: ActSpec | None = None,
     smoothquant: float | str | None = None,
     smoothquant_w_bits: int = 8,
+    noisyquant: bool = False,
+    noisyquant_seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, ActQuant]:
@@ -145,8 +147,11 @@ def quantize_activations_(
     ``softmax`` the attention probabilities (``probs_point``; e.g. ``ActSpec(4, format="logsqrt2")``;
     defaults to ``matmuls``). ``smoothquant`` (an ``α`` in [0, 1], or ``"search"`` for a per-layer search
     against ``smoothquant_w_bits``-bit weights) first rescales every float ``nn.Linear``'s input
-    channels (:mod:`qbayes.transforms.smoothquant`; call it before ``quantize_``). Returns
-    ``{point name: quantizer}``; the model keeps them as submodules.
+    channels (:mod:`qbayes.transforms.smoothquant`; call it before ``quantize_``). ``noisyquant``
+    then gives each layer input quantizer NoisyQuant's fixed noisy bias, its amplitude searched per
+    layer on the calibration data (:mod:`qbayes.transforms.noisyquant`; static integer ranges only;
+    the draw is reproducible from ``noisyquant_seed``). Returns ``{point name: quantizer}``; the
+    model keeps them as submodules.
     """
     if not isinstance(spec, ActSpec):
         raise QBayesError(f"spec must be an ActSpec, not {type(spec).__name__}")
@@ -161,18 +166,26 @@ def quantize_activations_(
     names = [n for n in layers if n not in inner]
     if not names:
         raise QBayesError("no Linear/Conv2d layers match the include/exclude filters")
+    if noisyquant and (spec.dynamic or spec.format != "int"):
+        raise QBayesError("noisyquant: NoisyQuant's noise is measured in the step of a static integer range; "
+                          f"this spec is {'dynamic' if spec.dynamic else spec.format}")
+
+    def run_calibration(what: str):
+        def run():
+            with torch.no_grad():
+                for b in tqdm(adapter.batches(calib, batch_size, _device_of(model)), desc=what, unit="batch",
+                              disable=not progress):
+                    adapter.forward(b)
+        return run
+
     smoothing = {}
     if smoothquant is not None:
         from .transforms.smoothquant import smooth_linears
 
-        def run_calibration():
-            for b in tqdm(adapter.batches(calib, batch_size, _device_of(model)), desc="smoothquant statistics",
-                          unit="batch", disable=not progress):
-                adapter.forward(b)
-
         _require_calib(calib, "SmoothQuant needs")
         linears = {n: layers[n] for n in names if isinstance(layers[n], (nn.Linear, QuantLinear))}
-        smoothing = smooth_linears(linears, run_calibration, spec, smoothquant, smoothquant_w_bits)
+        smoothing = smooth_linears(linears, run_calibration("smoothquant statistics"), spec, smoothquant,
+                                   smoothquant_w_bits)
     points = quantize_inputs(model, names, spec)
     for name, sm in smoothing.items():
         points[name].smooth = sm["inv_scale"].to(_device_of(model))
@@ -200,8 +213,15 @@ def quantize_activations_(
                 q.freeze()
             except CalibrationError as e:
                 raise CalibrationError(f"{name}: {e}") from None
+    noisy = {}
+    if noisyquant:
+        from .transforms.noisyquant import add_noisy_bias
+
+        noisy = add_noisy_bias({n: layers[n] for n in names}, run_calibration("noisyquant inputs"),
+                               seed=noisyquant_seed)
     model.qbayes_activations = {"spec": spec.to_dict(), "points": sorted(points),
-                                "smoothquant": {n: sm["alpha"] for n, sm in smoothing.items()}}
+                                "smoothquant": {n: sm["alpha"] for n, sm in smoothing.items()},
+                                **({"noisyquant": {n: r["k"] for n, r in noisy.items()}} if noisyquant else {})}
     return points
 
 

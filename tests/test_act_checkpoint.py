@@ -1,6 +1,6 @@
 """Checkpoints keep activation quantizers: a model saved after quantize_activations_ (static or
-dynamic, SmoothQuant, attention points) and quantize_ reloads to the same outputs, bit for bit;
-a checkpoint whose activation entries do not fit the model is refused."""
+dynamic, SmoothQuant, NoisyQuant noise, attention points) and quantize_ reloads to the same
+outputs, bit for bit; a checkpoint whose activation entries do not fit the model is refused."""
 import copy
 import json
 
@@ -40,6 +40,25 @@ def test_mlp_round_trip_is_exact(tmp_path, aspec, smooth):
     assert torch.equal(loaded(x), ref)
     if smooth is not None:
         assert loaded[0].input_quant.smooth is not None
+
+
+@pytest.mark.parametrize("aspec", [ActSpec(6), ActSpec(6, "per-channel")])
+def test_noisyquant_noise_round_trips_bit_for_bit(tmp_path, aspec):
+    from qbayes.transforms.noisyquant import noise_for, uniform_draw
+
+    model, calib = _mlp(), list(_data().split(32))
+    points = quantize_activations_(model, aspec, calib, smoothquant="search", progress=False)
+    for name, q in points.items():
+        q.noise = noise_for(q, uniform_draw(model.get_submodule(name).in_features, 0, name), 1.5)
+    quantize_(model, QuantSpec(bits=4, group_size=-1), "gptq", calib, progress=False)
+    x = _data(64)
+    ref = model(x)
+    save_quantized(model, tmp_path / "m")
+    loaded, _ = load_quantized(tmp_path / "m", model=_mlp())
+    for name in points:
+        want, got = model.get_submodule(name).input_quant.noise, loaded.get_submodule(name).input_quant.noise
+        assert want is not None and float(want.abs().max()) > 0 and torch.equal(got, want)
+    assert torch.equal(loaded(x), ref)
 
 
 def test_vit_attention_points_round_trip(tmp_path):

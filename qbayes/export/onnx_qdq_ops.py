@@ -293,17 +293,27 @@ def _activation(name: str, q, undo: list) -> str | None:
     zero = (q.zero.float().round() - off).to(torch.int8 if signed else torch.uint8)
 
     def forward(x):
-        x = smoothed(q, x)
-        return torch.ops.qbayes.act_qdq(x, scale, zero, q.channel_axis % x.dim(), qmin, qmax, onnx_type)
+        y = torch.ops.qbayes.act_qdq(smoothed(q, x), scale, zero, q.channel_axis % x.dim(), qmin, qmax, onnx_type)
+        return denoised(q, y)
 
     _override(q, "forward", forward, undo)
     return None
 
 
 def smoothed(q, x: torch.Tensor) -> torch.Tensor:
-    """``x`` times the quantizer's SmoothQuant ``1/s`` per channel, when it has one (as ActQuant applies it)."""
-    smooth = getattr(q, "smooth", None)
-    return x if smooth is None else x * along_axis(smooth, q.channel_axis % x.dim(), x.dim()).to(x.dtype)
+    """What the quantizer rounds: ``x`` times its SmoothQuant ``1/s`` per channel, plus its
+    NoisyQuant ``noise``, where it has them (as ActQuant applies them)."""
+    smooth, noise = getattr(q, "smooth", None), getattr(q, "noise", None)
+    axis = q.channel_axis % x.dim()
+    if smooth is not None:
+        x = x * along_axis(smooth, axis, x.dim()).to(x.dtype)
+    return x if noise is None else x + along_axis(noise, axis, x.dim()).to(x.dtype)
+
+
+def denoised(q, y: torch.Tensor) -> torch.Tensor:
+    """``y`` minus the quantizer's NoisyQuant ``noise`` (float ops after the DequantizeLinear)."""
+    noise = getattr(q, "noise", None)
+    return y if noise is None else y - along_axis(noise, q.channel_axis % y.dim(), y.dim()).to(y.dtype)
 
 
 def float_fake_quant(q, x: torch.Tensor) -> torch.Tensor:
@@ -321,7 +331,7 @@ def float_fake_quant(q, x: torch.Tensor) -> torch.Tensor:
         s = xf.amax(dims, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) if spec.dynamic else q.scale
         return log_fake_quantize(xf, s, spec.bits, spec.format).to(x.dtype)
     s, z = params_from_range(xf.amin(dims, keepdim=True), xf.amax(dims, keepdim=True), spec.bits, spec.symmetric, None)
-    return fake_quantize(xf, s, z, spec.bits).to(x.dtype)
+    return denoised(q, fake_quantize(xf, s, z, spec.bits)).to(x.dtype)
 
 
 def _weights(m, int4: bool, undo: list) -> str:

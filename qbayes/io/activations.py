@@ -4,8 +4,9 @@ model, recorded in ``qbayes.json`` and rebuilt on load.
 Each point is recorded as ``{"kind": "input" | "module", "spec": ActSpec fields, "channel_axis"}``:
 an *input* point is a layer's ``input_quant`` (run by a forward pre-hook), a *module* point an
 ``ActQuant`` that replaced an ``nn.Identity`` (the attention matmul operands and softmax). Their
-calibrated ``scale``/``zero`` and SmoothQuant ``smooth`` buffers are ordinary state-dict tensors;
-the loader creates them at the shapes the weights file holds before the tensors are copied in.
+calibrated ``scale``/``zero``, SmoothQuant ``smooth`` and NoisyQuant ``noise`` buffers are ordinary
+state-dict tensors; the loader creates them at the shapes the weights file holds before the tensors
+are copied in.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ..nn import set_module
 from ..nn.act_quant import ActQuant, attach_input_quant
 from ..spec import ActSpec
 
-BUFFERS = ("scale", "zero", "smooth")
+BUFFERS = ("scale", "zero", "smooth", "noise")
 
 
 def describe(model: nn.Module) -> dict:

@@ -8,7 +8,14 @@ per token — each row over the last dimension — or per channel). Integer code
 weight formats' affine rule, ``x̂ = s (clamp(⌊x/s⌉ + z, 0, 2^b − 1) − z)``; the log formats
 follow :mod:`qbayes.formats.log2`. Gradients pass straight through the rounding. A quantizer may
 carry SmoothQuant's per-channel ``smooth = 1/s`` (:mod:`qbayes.transforms.smoothquant`): it
-quantizes ``x ⊙ smooth`` and its layer's weight columns carry ``s``.
+quantizes ``x ⊙ smooth`` and its layer's weight columns carry ``s``. It may also carry NoisyQuant's
+fixed per-channel ``noise`` ``N`` (Liu et al. 2023, :mod:`qbayes.transforms.noisyquant`; integer
+formats only), added after smoothing and removed after quantizing,
+
+.. math::  \hat x = Q(x \odot \mathrm{smooth} + N) - N,
+
+which is the identity in float (in a linear layer ``−N Wᵀ`` is NoisyQuant's "denoising bias"). A
+static quantizer still observing sees ``x ⊙ smooth + N``, so its range covers the noisy values.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ class ActQuant(nn.Module):
         self.register_buffer("scale", None)
         self.register_buffer("zero", None)
         self.register_buffer("smooth", None)  # SmoothQuant's 1/s per channel, applied before quantizing
+        self.register_buffer("noise", None)  # NoisyQuant's fixed bias per channel: Q(x + noise) - noise
 
     @property
     def calibrated(self) -> bool:
@@ -86,14 +94,23 @@ class ActQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:  # the layer's weight columns carry s (qbayes.transforms.smoothquant)
             x = x * self._channel_view(self.smooth, x).to(x.dtype)
+        noise = None
+        if self.noise is not None:  # NoisyQuant (qbayes.transforms.noisyquant): Q(x + N) - N
+            if self.spec.format != "int":
+                raise QBayesError(f"NoisyQuant's noisy bias needs integer activation codes, not {self.spec.format}: "
+                                  "set this quantizer's noise to None")
+            noise = self._channel_view(self.noise, x).float()
         if not self.spec.dynamic and self.scale is None:
-            self.observer.update(x)
+            self.observer.update(x if noise is None else x.detach().float() + noise)
             return x
-        s, z = self.params(x)
+        xf = x.detach().float() if noise is None else x.detach().float() + noise
+        s, z = self.params(xf)
         if self.spec.format == "int":
-            q = fake_quantize(x.detach().float(), s, z, self.spec.bits)
+            q = fake_quantize(xf, s, z, self.spec.bits)
         else:
-            q = log_fake_quantize(x.detach().float(), s, self.spec.bits, self.spec.format)
+            q = log_fake_quantize(xf, s, self.spec.bits, self.spec.format)
+        if noise is not None:
+            q = q - noise
         return x + (q.to(x.dtype) - x).detach()  # straight-through gradient
 
     def extra_repr(self) -> str:
