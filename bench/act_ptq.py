@@ -21,13 +21,16 @@ Protocol (recorded in the JSON):
 * ``repq``: RepQ-ViT's post-LayerNorm scale reparameterisation from the calibration ranges (exact).
 * ``absorb``: high-bias absorption with the offsets measured on the calibration images (exact).
 * ``biascorr``: empirical bias correction after quantizing, against the float model with the
-  row's other (function-preserving) rewrites, on the calibration images.
+  row's other (function-preserving) rewrites, on the calibration images. ``biascorr-analytic``:
+  DFQ's data-free correction, ``−ε E[x]`` with ``E[x]`` in closed form from the batch norms
+  (layers that read a BN, through ReLU/ReLU6).
+* ``noisyquant``: NoisyQuant's fixed noisy bias on every layer input quantizer, amplitude searched
+  per layer (0 to 2 steps, "none" included) on the calibration images, draw seeded (seed 0).
 * Every row's float baseline is measured in the same run (``fp_value``).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -40,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import act_ptq_text  # noqa: E402
 from common import machine, provenance, write_results  # noqa: E402
 from qbayes import ActSpec, QuantSpec, quantize_, quantize_activations_  # noqa: E402
+from qbayes.algorithms import get_solver  # noqa: E402
 from qbayes.data import classifier_splits  # noqa: E402
 from qbayes.eval import top1  # noqa: E402
 from qbayes.models.vision import load_vision  # noqa: E402
-from qbayes.transforms import correct_bias  # noqa: E402
-from qbayes.transforms.pipeline import apply_rewrites  # noqa: E402
+from qbayes.transforms.pipeline import run_recipe  # noqa: E402
 
 # (model, method, transforms, w_bits, w_granularity, a_bits, a_granularity, activation observer, attention softmax format)
 CONFIGS = [
@@ -64,14 +67,18 @@ CONFIGS = [
     ("fmnist-mobilenet", "rtn", ["bnfold", "cle", "biascorr"], 6, "per-tensor", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "rtn", ["bnfold", "cle", "absorb", "biascorr"], 6, "per-tensor", 8, "per-tensor", "minmax",
      None),
+    ("fmnist-mobilenet", "rtn", ["bnfold", "biascorr-analytic"], 6, "per-tensor", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "rtn", ["bnfold"], 4, "per-channel", 8, "per-tensor", "minmax", None),
+    ("fmnist-mobilenet", "rtn", ["bnfold", "biascorr-analytic"], 4, "per-channel", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "rtn", ["bnfold", "biascorr"], 4, "per-channel", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "gptq", ["bnfold"], 4, "per-channel", 8, "per-tensor", "minmax", None),
     ("fmnist-mobilenet", "gptq", ["bnfold", "cle"], 4, "per-channel", 8, "per-tensor", "minmax", None),
     ("fmnist-vit", "rtn", [], 8, "per-channel", 8, "per-tensor", "minmax", "int"),
     ("fmnist-vit", "rtn", [], 6, "per-channel", 6, "per-tensor", "minmax", "int"),
+    ("fmnist-vit", "rtn", ["noisyquant"], 6, "per-channel", 6, "per-tensor", "minmax", "int"),
     ("fmnist-vit", "gptq", [], 6, "per-channel", 6, "per-tensor", "mse", "int"),
     ("fmnist-vit", "rtn", [], 4, "per-channel", 4, "per-tensor", "minmax", "int"),
+    ("fmnist-vit", "rtn", ["noisyquant"], 4, "per-channel", 4, "per-tensor", "minmax", "int"),
     ("fmnist-vit", "rtn", [], 4, "per-channel", 4, "per-tensor", "minmax", "logsqrt2"),
     ("fmnist-vit", "rtn", ["repq"], 4, "per-channel", 4, "per-tensor", "minmax", "int"),
     ("fmnist-vit", "rtn", ["repq"], 4, "per-channel", 4, "per-tensor", "minmax", "logsqrt2"),
@@ -86,20 +93,19 @@ def run_row(cfg, calib, xe, ye, fp: float) -> dict:
     name, method, transforms, wb, wg, ab, ag, observer, soft = cfg
     model = load_vision(name)
     t0 = time.perf_counter()
-    apply_rewrites(model, transforms, calib)
-    reference = copy.deepcopy(model) if "biascorr" in transforms else None
     spec = (QuantSpec(wb, 0, symmetric=True, clip="minmax", scale_dtype="float32") if wg == "per-tensor"
             else QuantSpec(wb, -1, symmetric=True, clip="mse", scale_dtype="float32"))
     aspec = ActSpec(ab, ag, observer=observer)
     matmuls = ActSpec(ab, "per-tensor", observer=observer) if soft else None
     softmax = ActSpec(ab, "per-tensor", format=soft) if soft and soft != "int" else None
-    # activation ranges first (on the float weights), so GPTQ's statistic is of quantized inputs
-    quantize_activations_(model, aspec, calib, exclude=("*embed*",), matmuls=matmuls, softmax=softmax,
-                          batch_size=100, progress=False)
-    quantize_(model, spec, method, calib if method == "gptq" else None, convs=True, exclude=("*embed*",),
-              float_dtype="float32", batch_size=100, progress=False)
-    if reference is not None:  # after quantizing, against the float model with the same rewrites
-        correct_bias(model, reference, calib.split(100), progress=False)
+
+    def quantize():  # activation ranges first (on the float weights), so GPTQ's statistic is of quantized inputs
+        quantize_activations_(model, aspec, calib, exclude=("*embed*",), matmuls=matmuls, softmax=softmax,
+                              noisyquant="noisyquant" in transforms, batch_size=100, progress=False)
+        quantize_(model, spec, method, calib if get_solver(method).needs_hessian else None, convs=True,
+                  exclude=("*embed*",), float_dtype="float32", batch_size=100, progress=False)
+
+    run_recipe(model, transforms, calib, quantize, progress=False)  # bias corrections after quantizing
     elapsed = time.perf_counter() - t0
     value = top1(model, xe, ye)
     row = {"model": name, "method": method, "transforms": transforms, "w_bits": wb, "w_granularity": wg,

@@ -141,3 +141,23 @@ def test_models_without_batchnorm_chains_and_bad_inputs_are_refused():
         correct_bias_analytic(folded, folded, {"1": ex["3"]})
     with pytest.raises(QBayesError, match="input means"):
         correct_bias_analytic(folded, folded, {"3": ex["3"][:5]})
+
+
+def test_the_recipe_runner_reads_the_means_before_folding_and_corrects_after():
+    from qbayes.transforms.pipeline import run_recipe
+
+    spec = QuantSpec(3, 0, symmetric=True, clip="minmax", scale_dtype="float32")
+    by_hand = _gaussian_bn(_conv_net(nn.ReLU()))
+    expected = expected_inputs(by_hand)
+    fold_batchnorm(by_hand)
+    reference = copy.deepcopy(by_hand)
+    quantize_(by_hand, spec, "rtn", convs=True, float_dtype="float32", progress=False)
+    correct_bias_analytic(by_hand, reference, expected)
+
+    recipe = _gaussian_bn(_conv_net(nn.ReLU()))
+    run_recipe(recipe, ["bnfold", "biascorr-analytic"], None,
+               lambda: quantize_(recipe, spec, "rtn", convs=True, float_dtype="float32", progress=False))
+    x = torch.randn(4, 3, 9, 9)
+    assert torch.equal(recipe(x), by_hand(x))
+    with pytest.raises(QBayesError, match="use biascorr"):
+        run_recipe(_gaussian_bn(_conv_net(nn.ReLU())), ["bnfold", "cle", "biascorr-analytic"], None, lambda: None)

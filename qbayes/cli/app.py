@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of the quantized softmax output (default int; log2/logsqrt2 keep small "
                         "probabilities at 4 bits)")
     q.add_argument("--transforms", default="",
-                   help="comma-separated rewrites, in order: bnfold,cle,absorb,biascorr,repq (classifiers), "
-                        "smoothquant (any model, with --act-bits)")
+                   help="comma-separated rewrites, in order: bnfold,cle,absorb,repq and the bias corrections "
+                        "biascorr (empirical) / biascorr-analytic (from the batch norms), noisyquant (classifiers, "
+                        "with --act-bits); smoothquant (any model, with --act-bits)")
     _add_eval_args(q)
     add_quantize_args(q)
     add_sensitivity_parser(sub)

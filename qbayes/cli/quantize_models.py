@@ -8,7 +8,6 @@ test lines. The transforms run in the order given, before quantizing (``biascorr
 """
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -17,7 +16,8 @@ from ..errors import QBayesError
 VISION = ("cifar10-cnn", "fmnist-mobilenet", "fmnist-vit")
 ENCODERS = ("minilm",)
 #: which transforms apply to which kind of model (checked before anything runs)
-TRANSFORMS = {"vision": ("bnfold", "cle", "absorb", "biascorr", "repq", "smoothquant"),
+TRANSFORMS = {"vision": ("bnfold", "cle", "absorb", "biascorr", "biascorr-analytic", "repq", "smoothquant",
+                         "noisyquant"),
               "encoder": ("smoothquant",), "lm": ("smoothquant",)}
 
 
@@ -61,13 +61,13 @@ def attention_specs(args, aspec, default_on: bool = False):
 def quantize_vision(args, spec, out: Path) -> int:
     from .. import quantize_, quantize_activations_, save_quantized
     from ..models.vision import load_vision
-    from ..transforms import correct_bias
-    from ..transforms.pipeline import apply_rewrites
+    from ..algorithms import get_solver
+    from ..transforms.pipeline import run_recipe
 
     transforms = parse_transforms(args.transforms, "vision")
     aspec = act_spec(args)
-    if "smoothquant" in transforms and aspec is None:
-        raise QBayesError("--transforms smoothquant moves activation outliers into the weights: give --act-bits")
+    if {"smoothquant", "noisyquant"} & set(transforms) and aspec is None:
+        raise QBayesError("--transforms smoothquant/noisyquant act on activation quantizers: give --act-bits")
     matmuls, softmax = attention_specs(args, aspec, default_on=args.model == "fmnist-vit")
     if matmuls is not None and args.model != "fmnist-vit":
         raise QBayesError(f"--attn-bits: {args.model} has no attention")
@@ -78,16 +78,17 @@ def quantize_vision(args, spec, out: Path) -> int:
     calib, xe, ye = classifier_splits(args.model)
     fp = None if args.no_eval else _top1(model, xe, ye)
     t0 = time.perf_counter()
-    apply_rewrites(model, transforms, calib)
-    reference = copy.deepcopy(model) if "biascorr" in transforms else None
-    if aspec is not None:  # ranges first, so GPTQ's statistic is of the quantized inputs
-        quantize_activations_(model, aspec, calib, exclude=("*embed*",), matmuls=matmuls, softmax=softmax,
-                              smoothquant="search" if "smoothquant" in transforms else None,
-                              smoothquant_w_bits=spec.bits, batch_size=100)
-    quantize_(model, spec, args.method, calib if args.method == "gptq" else None, convs=True, exclude=("*embed*",),
-              float_dtype="float32", batch_size=100)
-    if reference is not None:
-        correct_bias(model, reference, calib.split(100))
+
+    def quantize():
+        if aspec is not None:  # ranges first, so GPTQ's statistic is of the quantized inputs
+            quantize_activations_(model, aspec, calib, exclude=("*embed*",), matmuls=matmuls, softmax=softmax,
+                                  smoothquant="search" if "smoothquant" in transforms else None,
+                                  smoothquant_w_bits=spec.bits, noisyquant="noisyquant" in transforms,
+                                  batch_size=100)
+        quantize_(model, spec, args.method, calib if get_solver(args.method).needs_hessian else None, convs=True,
+                  exclude=("*embed*",), float_dtype="float32", batch_size=100)
+
+    run_recipe(model, transforms, calib, quantize)
     seconds = time.perf_counter() - t0
     save_quantized(model, out, extra={"source_model": args.model, "transforms": transforms})
     return _report(args, "top-1", fp, None if args.no_eval else _top1(model, xe, ye), seconds, out)
