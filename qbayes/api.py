@@ -52,7 +52,7 @@ def quantize_(
             CNN), or an adapter.
         spec: one :class:`QuantSpec` for every layer, a ``{name: spec}`` mapping, or a function
             of the layer name.
-        method: a solver from :data:`qbayes.algorithms.SOLVERS` (``"rtn"``, ``"gptq"``).
+        method: a solver from :data:`qbayes.algorithms.SOLVERS` (``"rtn"``, ``"gptq"``, ``"adaround"``).
         calib: calibration data in the adapter's batch language, needed by solvers that use the
             layer statistic ``H``: token ids ``(n_samples, seqlen)`` for a decoder LM, a dict of
             tensors (a tokenizer's output) or pixels for an encoder, a tensor of inputs or

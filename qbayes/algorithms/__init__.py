@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import QBayesError
+from .adaround import adaround
 from .base import layer_objective
 from .float_targets import float_target_weight
 from .gptq import gptq
@@ -24,6 +25,7 @@ class Solver:
 SOLVERS: dict[str, Solver] = {
     "rtn": Solver(rtn, needs_hessian=False),
     "gptq": Solver(gptq, needs_hessian=True, options=("block_size", "damp", "act_order", "float_targets")),
+    "adaround": Solver(adaround, needs_hessian=True, options=("iters", "lr", "reg", "beta", "warmup", "exact_cols")),
 }
 
 
@@ -34,4 +36,4 @@ def get_solver(name: str) -> Solver:
         raise QBayesError(f"unknown method {name!r}: choose one of {sorted(SOLVERS)}") from None
 
 
-__all__ = ["SOLVERS", "Solver", "float_target_weight", "get_solver", "gptq", "rtn", "layer_objective"]
+__all__ = ["SOLVERS", "Solver", "adaround", "float_target_weight", "get_solver", "gptq", "rtn", "layer_objective"]

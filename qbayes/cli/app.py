@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number format (default int): " + "; ".join(f"{n}: {f.summary}" for n, f in sorted(FORMATS.items())))
     q.add_argument("--head-bits", type=_bits, default=None,
                    help="also pack lm_head at these bits (symmetric, RTN, the same group size; default: keep it in float)")
-    q.add_argument("--method", default="gptq", help="weight solver: rtn | gptq (default gptq)")
+    q.add_argument("--method", default="gptq", help="weight solver: rtn | gptq | adaround (default gptq)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: visit columns by decreasing H diagonal, with static groups (default on)")
     q.add_argument("--damp", type=finite_float(0, above=True), default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
