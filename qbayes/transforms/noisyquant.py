@@ -34,8 +34,8 @@ is never worse than none.
 Limits: static integer input quantizers only. Logarithmic formats are refused (they code
 non-negative values, which the noise would make negative) and so are dynamic ranges (no fixed
 ``Δ`` to measure ``K`` in). The QDQ ONNX export adds ``N`` before its ``QuantizeLinear`` and subtracts
-it after the ``DequantizeLinear``; the integer kernels (:func:`qbayes.to_int8_`) refuse a quantizer
-with noise.
+it after the ``DequantizeLinear``; the integer kernels (:func:`qbayes.to_int8_`) do not read the
+noise yet (known gap: convert only models without it).
 """
 from __future__ import annotations
 
