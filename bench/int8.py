@@ -14,6 +14,7 @@ ActQuant) on the timed input.
 
     python bench/int8.py            # writes bench/results/int8.{json,md}
     python bench/int8.py --quick    # the 4096x4096 batch-128 row and the first conv, printed only
+    python bench/int8.py --out /tmp/r   # results written under /tmp/r instead
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from common import ROOT, machine, write_results  # noqa: E402
 
 from qbayes.algorithms.rtn import rtn  # noqa: E402
@@ -179,12 +181,13 @@ def markdown(res: dict) -> str:
          f"`{res['backend']['linear']}`, conv `{res['backend']['conv']}`. qbayes has no int8 GEMM of its own: "
          "Int8Linear runs oneDNN's int8 GEMM (`onednn::qlinear_pointwise`, float32 output, the dequantize epilogue "
          "and bias inside the kernel), the fastest maintained backend measured here (the `backend=` rows time the "
-         "others on the same layer: fbgemm's float-output GEMM, `torch._int_mm` + a torch epilogue); Int8Conv2d "
+         "others on the same layer: fbgemm's float-output GEMM, `torch._int_mm` + the fused epilogue); Int8Conv2d "
          "runs oneDNN's int8 convolution (`onednn::qconv_pointwise`) on channels-last codes and returns "
          "channels-last output, as torch's own int8 convolutions do. The activation codes are computed by qbayes "
-         "(`round(x / s)` in torch, then torch's vectorised quantize adds z and clamps), so they equal the "
-         "fake-quant ActQuant's bit for bit; per-token rows use one shared zero-point in the kernel and correct "
-         "the rest in a float epilogue.", ""]
+         "in one C++ pass (`qbayes.kernels.int8_quantize`: per row the range, then the scale and zero-point and "
+         "`clamp(round(x / s) + z)`, with torch's float32 arithmetic step for step), so they equal the fake-quant "
+         "ActQuant's bit for bit; per-token rows take the integer accumulators from oneDNN (one shared zero-point, "
+         "unit scales) and apply the per-row scale and zero-point correction in one fused epilogue pass.", ""]
     for case in dict.fromkeys(r["case"] for r in res["rows"]):
         L += [f"## {case}", "", "| contender | ms | × fp32 | × torch ao fbgemm q→q | max rel. diff vs fake-quant |",
               "|---|---|---|---|---|"]
@@ -215,7 +218,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="first linear and conv case only; print, do not write")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = ap.parse_args()
+    if args.out is not None:
+        common.RESULTS = args.out
     torch.set_num_threads(args.threads)
     engine = torch.backends.quantized.engine
     before = [round(v, 2) for v in os.getloadavg()]

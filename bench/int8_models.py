@@ -9,16 +9,26 @@ Protocol:
   optimisations, which fuse QDQ pairs into integer kernels).
 * MiniLM: batch 64 = the first 64 WikiText-2 test lines of the encoder protocol, padded to the longest
   (≤ 128 tokens). qbayes int8: W8 per-channel RTN with A8 dynamic per-token ranges (the accurate
-  recipe of ``act_ptq``), ``to_int8_``. ONNX Runtime: the fp32 export and ORT's own ``quantize_static``
-  QDQ model and ``quantize_dynamic`` model of ``bench/act_ptq_text.py``.
+  recipe of ``act_ptq``), ``to_int8_``. Both torch models (fp32 and int8) run the same attention,
+  torch's fused ``scaled_dot_product_attention`` (``sdpa``, the faster one here; ``--attention eager``
+  for HF's eager matmul-softmax-matmul). ONNX Runtime: the fp32 export (eager attention, exported
+  before the switch) and ORT's own ``quantize_static`` QDQ model and ``quantize_dynamic`` model of
+  ``bench/act_ptq_text.py``.
 * Every contender timed in interleaved rounds (``qbayes.benchmarks.kernels_cpu.timeit``: warm-up, then
   loops of ≥ 30 ms), median of 7 rounds, 2 torch threads and 2 ONNX Runtime intra-op threads, one process.
+  The process keeps freed memory in glibc's heap (``mallopt``; ``--allocator default`` does not), as
+  ONNX Runtime's arena does for its own buffers: torch's fresh buffers above glibc's mmap threshold
+  (here the 8192 × 1536 float32 FFN activations) otherwise cost page faults on every call, for the
+  fp32 and int8 torch models alike.
 
     python bench/int8_models.py     # writes bench/results/int8_models.{json,md}
+    python bench/int8_models.py --models minilm --out /tmp/r   # one model, results elsewhere
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import ctypes
 import sys
 import tempfile
 import warnings
@@ -29,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import act_ptq  # noqa: E402
 import act_ptq_text  # noqa: E402
+import common  # noqa: E402
 from common import machine, provenance, write_results  # noqa: E402
 
 from qbayes import ActSpec, QuantSpec, quantize_, quantize_activations_, to_int8_  # noqa: E402
@@ -74,7 +85,14 @@ def vision_rows(name: str) -> list[dict]:
              "top1_agreement_int8_vs_fake": top_int8 if k == "qbayes int8" else None} for k, v in ms.items()]
 
 
-def minilm_rows() -> list[dict]:
+def _set_attention(model, impl: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:
+        model.config._attn_implementation = impl
+
+
+def minilm_rows(attention: str = "sdpa") -> list[dict]:
     base, tok, sentences, calib = act_ptq_text._load("minilm")
     base.eval()
     enc = tok(sentences[:64], padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -86,6 +104,8 @@ def minilm_rows() -> list[dict]:
         fp_path, dyn, qdq = Path(d) / "fp32.onnx", Path(d) / "dyn.onnx", Path(d) / "qdq.onnx"
         act_ptq_text.export_encoder(base, tok, fp_path)
         act_ptq_text.ort_quantize(fp_path, calib, dyn, qdq)
+        for m in (base, q):  # after the export (eager): the torch models' own attention
+            _set_attention(m, attention)
         sess = {k: _session(p) for k, p in (("fp32", fp_path), ("dyn", dyn), ("qdq", qdq))}
         feed = {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()}
         args = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -97,14 +117,16 @@ def minilm_rows() -> list[dict]:
             ms = timeit(fns, ROUNDS)
     return [{"model": "all-MiniLM-L6-v2", "contender": k, "batch": 64, "tokens": int(enc["input_ids"].shape[1]),
              "ms": v, "items_per_s": 64e3 / v, "x_fp32": ms["fp32"] / v,
-             "converted_layers": len(report["converted"]) if "qbayes" in k else None} for k, v in ms.items()]
+             "converted_layers": len(report["converted"]) if "qbayes" in k else None, "attention": attention
+             if k in ("fp32", "qbayes int8 (W8A8 per-token)") else "onnx export (eager)"} for k, v in ms.items()]
 
 
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = ["# Whole-model W8A8 integer throughput", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, onnxruntime "
-             f"{res['onnxruntime']}. Commit {res['commit']}; command `{res['command']}`; {res['date']}.", "",
+             f"{res['onnxruntime']}; MiniLM torch attention `{res.get('attention', 'eager')}`, allocator "
+             f"`{res.get('allocator', 'default')}`. Commit {res['commit']}; command `{res['command']}`; {res['date']}.", "",
              " ".join(__doc__.split("Protocol:")[1].split("python bench")[0].split()), "", *table(res)]
     return "\n".join(lines) + "\n"
 
@@ -117,18 +139,40 @@ def table(res: dict) -> list[str]:
     return lines
 
 
+def _retain_freed_memory() -> None:
+    """glibc: serve large buffers from the heap and never trim it (no fresh, page-faulting pages per call)."""
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if not (libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)):
+        raise RuntimeError("mallopt refused the allocator settings")
+
+
 def main() -> None:
     import onnxruntime
 
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["cifar10-cnn", "fmnist-vit", "minilm"],
+                    choices=["cifar10-cnn", "fmnist-vit", "minilm"])
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"], help="the torch MiniLM models' attention")
+    ap.add_argument("--allocator", default="retain", choices=["retain", "default"],
+                    help="retain: freed memory stays in the heap (no page faults on reuse); default: glibc's")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    args = ap.parse_args()
+    if args.allocator == "retain":
+        _retain_freed_memory()
+    if args.out is not None:
+        common.RESULTS = args.out
     torch.set_num_threads(2)
     prov = provenance()
     rows = []
-    for name in ("cifar10-cnn", "fmnist-vit"):
+    for name in (m for m in args.models if m != "minilm"):
         rows += vision_rows(name)
         print(*table({"rows": rows[-4:]})[2:], sep="\n", flush=True)
-    rows += minilm_rows()
+    if "minilm" in args.models:
+        rows += minilm_rows(args.attention)
     res = {**prov, "protocol": " ".join(__doc__.split("Protocol:")[1].split("python bench")[0].split()),
-           "machine": machine(2), "onnxruntime": onnxruntime.__version__, "rounds": ROUNDS, "rows": rows}
+           "machine": machine(2), "onnxruntime": onnxruntime.__version__, "rounds": ROUNDS,
+           "attention": args.attention, "allocator": args.allocator, "rows": rows}
     write_results("int8_models", res, markdown(res), provenance_of=prov)
     print(markdown(res))
 

@@ -13,13 +13,16 @@ from torch.nn import functional as F
 
 from qbayes.algorithms.rtn import rtn
 from qbayes.errors import KernelError, QBayesError
+from qbayes.formats import fake_quantize
 from qbayes.kernels import int8 as k8
+from qbayes.kernels import int8_quantize as q8
 from qbayes.nn import Int8Conv2d, Int8Linear, QuantConv2d, QuantLinear, to_int8_
 from qbayes.nn.act_quant import ActQuant, attach_input_quant, calibrate_input_quant
 from qbayes.spec import ActSpec, QuantSpec
 
 W8 = QuantSpec(bits=8, group_size=-1, symmetric=True, clip="minmax", scale_dtype="float32")
 SETTINGS = settings(max_examples=12, deadline=None)
+needs_ops = pytest.mark.skipif(not q8.available(), reason="the fused int8 ops could not be built here")
 
 
 def _operands(g, m, k, n, extreme):
@@ -102,6 +105,53 @@ def test_quantize_codes_fallback_without_torch_quantize(monkeypatch):
     fast = [k8.quantize_codes(x, s, z), k8.quantize_codes(x, s[0, 0], z[0, 0], 5)]
     monkeypatch.setattr(torch, "quantize_per_tensor", gone)
     assert torch.equal(k8.quantize_codes(x, s, z), fast[0]) and torch.equal(k8.quantize_codes(x, s[0, 0], z[0, 0], 5), fast[1])
+
+
+@needs_ops
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 100), bits=st.integers(2, 8), symmetric=st.booleans(),
+       gran=st.sampled_from(["per-token", "per-tensor", "static"]), smooth=st.booleans(), shift=st.booleans(),
+       seed=st.integers(0, 10_000))
+def test_fused_codes_are_the_quantizers_bit_for_bit(m, k, bits, symmetric, gran, smooth, shift, seed):
+    # random magnitudes; non-negative, constant (incl. 0) rows; exact ties (range [-4, 191/16]: s = 2^-4)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * float(10 ** (torch.rand((), generator=g) * 6 - 3))
+    x[::3], x[1::4], x[2::5] = x[::3].abs(), float(torch.randn((), generator=g)), 0.0
+    if k >= 3:
+        x[3::4] = torch.cat([torch.tensor([-4.0, 191 / 16]), (torch.randint(-64, 191, (k - 2,), generator=g) + 0.5) / 16])
+    q = ActQuant(ActSpec(bits, gran.replace("static", "per-tensor"), dynamic=gran != "static", symmetric=symmetric))
+    q.smooth = torch.rand(k, generator=g) + 0.5 if smooth else None
+    if gran == "static":
+        q(x[: (m + 1) // 2])  # calibrated on some rows: clamped codes too
+        q.freeze()
+    got, want = q8.input_codes(q, x, shift), q8.input_codes(q, x, shift, fused=False)
+    assert q8._fusable(q, x) and all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want))
+    c, s, z = got  # ActQuant's fake-quant values, too
+    assert torch.equal((c.float() + (128 if shift else 0) - z) * s, fake_quantize(q8.smoothed(q, x), s, z, bits))
+    if gran == "per-tensor" and not smooth:  # convolution inputs: any layout, same codes
+        x4 = x.reshape(1, m, k, 1).contiguous(memory_format=torch.channels_last)
+        c4 = q8.tensor_codes(q, x4)[0]
+        assert c4.is_contiguous(memory_format=torch.channels_last) and torch.equal(c4, q8.tensor_codes(q, x4, False)[0])
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype,bias", [(torch.int32, False), (torch.int32, True), (torch.float32, True)])
+def test_fused_row_epilogue_equals_the_torch_epilogue(dtype, bias):
+    acc = torch.randint(-300_000, 300_000, (37, 29), dtype=torch.int32).to(dtype)
+    args = (torch.rand(37, 1), torch.randint(-128, 128, (37,)), torch.randint(-4000, 4000, (29,), dtype=torch.int32),
+            torch.rand(29), torch.randn(29) if bias else None)
+    assert torch.equal(q8.row_epilogue(acc.clone(), *args), q8.row_epilogue(acc.clone(), *args, fused=False))
+
+
+def test_int8_linear_without_the_fused_ops_gives_identical_output(monkeypatch):
+    layers = [Int8Linear.from_quant(_with_input_quant(_quant_linear(70, 24), a, torch.randn(16, 70)))
+              for a in (ActSpec(8), ActSpec(8, "per-token", dynamic=True))]
+    x, q = torch.randn(2, 9, 70), layers[1].input_quant
+    fused = [m(x) for m in layers]
+    q.register_buffer("noise", torch.zeros(()))  # state the kernel does not model: the torch ops
+    assert not q8._fusable(q, x) and torch.equal(layers[1](x), fused[1])
+    monkeypatch.setattr(q8, "_ops", lambda: None)
+    assert not q8.available() and all(torch.equal(m(x), y) for m, y in zip(layers, fused))
 
 
 def _ref_conv_acc(c, z, w, stride, padding, dilation, groups):

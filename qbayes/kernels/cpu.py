@@ -26,6 +26,7 @@ from ..errors import KernelError
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemm_cpu.cpp"
 DECODE_SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.cpp"
+INT8_SOURCE = Path(__file__).with_name("csrc") / "int8_cpu.cpp"
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
@@ -104,6 +105,22 @@ def decode_ops():
         return _build("qbayes_decode_cpu", DECODE_SOURCE, "decode_cpu", "decode-step ops", extra_cflags=flags)
     except Exception as e:
         log.warning("could not build the CPU decode ops (%s); using torch ops", e)
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def int8_ops():
+    """The fused int8 activation-quantization and epilogue ops (``csrc/int8_cpu.cpp``, used by
+    :mod:`qbayes.kernels.int8_quantize`), built on first use; None where they cannot be built."""
+    if os.environ.get("QBAYES_KERNEL", "").lower() == "reference":
+        return None
+    # no fast-math and no FMA contraction: the codes must be torch's float32 arithmetic bit for bit
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp"] + (["-mavx2"] if "avx2" in _cpu_flags() else [])
+    try:
+        return _build("qbayes_int8_cpu", INT8_SOURCE, "int8_cpu", "int8 quantization ops", extra_cflags=flags,
+                      extra_ldflags=["-fopenmp"])
+    except Exception as e:
+        log.warning("could not build the CPU int8 quantization ops (%s); using torch ops", e)
         return None
 
 

@@ -23,7 +23,8 @@ Backends (all exact in the accumulator; which is fastest is measured in ``bench/
 * ``int_mm``: ``torch._int_mm`` (int8 × int8 → int32; codes shifted to ``c − 128``);
 * ``reference``: int64 ``torch.matmul`` / a float64 convolution (always works, slow).
 
-The codes are always the activation quantizer's own (:func:`quantize_codes`). On CPUs without
+The codes are always the activation quantizer's own (:func:`quantize_codes`, or the fused one-pass
+kernels of :mod:`qbayes.kernels.int8_quantize`, bit for bit the same). On CPUs without
 VNNI, fbgemm and oneDNN multiply ``u8 × s8`` pairs with int16 saturation; :func:`exact` probes a
 backend once on worst-case operands, and callers fall back to an exact one where it fails.
 """
@@ -227,11 +228,17 @@ def onednn_linear_prepack(w_q: torch.Tensor):
     return torch.ops.onednn.qlinear_prepack(w_q.to(torch.int8).contiguous(), None)
 
 
+@functools.lru_cache(maxsize=64)
+def _no_zero_points(n: int) -> torch.Tensor:
+    """The weights' zero-points (symmetric: all 0), built once per width (the kernels only read it)."""
+    return torch.zeros(n, dtype=torch.int64)
+
+
 def onednn_linear(codes: torch.Tensor, x_scale: float, x_zero: int, packed, w_scale: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     r"""oneDNN's int8 GEMM on uint8 codes ``(M, K)``: ``y = s_x s_w[n] Σ_k (c − z_x) W_q + b`` in float32."""
-    return torch.ops.onednn.qlinear_pointwise(codes, float(x_scale), int(x_zero), packed, w_scale, torch.zeros(
-        w_scale.numel(), dtype=torch.int64), bias, 1.0, 0, torch.float32, "none", [], "")
+    return torch.ops.onednn.qlinear_pointwise(codes, float(x_scale), int(x_zero), packed, w_scale, _no_zero_points(
+        w_scale.numel()), bias, 1.0, 0, torch.float32, "none", [], "")
 
 
 def onednn_conv_prepack(w_q: torch.Tensor, w_scale: torch.Tensor, x_scale: float, x_zero: int, stride, padding,

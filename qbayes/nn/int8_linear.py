@@ -23,6 +23,7 @@ from ..errors import KernelError, QBayesError
 from ..formats import unpack
 from ..formats.int_affine import sym_zero
 from ..kernels import int8 as k8
+from ..kernels import int8_quantize as q8
 from .act_quant import ActQuant
 from .quant_conv import QuantConv2d
 from .quant_linear import QuantLinear
@@ -66,16 +67,6 @@ def _check_quant(quant, name: str, conv: bool) -> ActQuant:
     return quant
 
 
-def _smoothed(quant: ActQuant, x: torch.Tensor) -> torch.Tensor:
-    """What the quantizer quantizes: ``x`` (times SmoothQuant's per-channel factor, if any), float32."""
-    smooth = getattr(quant, "smooth", None)
-    if smooth is not None:
-        shape = [1] * x.dim()
-        shape[quant.channel_axis % x.dim()] = smooth.numel()
-        x = x * smooth.view(shape).to(x.dtype)
-    return x.float()
-
-
 def _repack_after_load(module: nn.Module, _incompatible) -> None:
     """Prepacked weights are derived state: rebuild them when a state dict is loaded."""
     module._repack()
@@ -117,51 +108,42 @@ class Int8Linear(nn.Module):
     def _repack(self) -> None:
         """Derived, non-state operands: column sums, ``W_qᵀ`` and the backend's prepacked weights."""
         self.register_buffer("colsum", k8.weight_colsum(self.weight), persistent=False)
+        self._ones = torch.ones(self.out_features)  # unit weight scales: oneDNN returns the accumulators
         self._wt = self.weight.t().contiguous() if self.backend == "int_mm" else None
         self._packs = {}
         if self.backend == "onednn":
             self._packs["onednn"] = k8.onednn_linear_prepack(self.weight)
         elif self.backend == "fbgemm":
-            self._packs["dynamic"] = k8.fbgemm_prepack(self.weight, self.w_scale)
+            self._packs["dynamic"] = k8.fbgemm_prepack(self.weight, self._ones)
             if not self.input_quant.spec.dynamic:  # s_x is fixed: fold it and the bias into the kernel
                 sx = self.input_quant.scale.float()
                 self._packs["static"] = k8.fbgemm_prepack(self.weight, sx * self.w_scale, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, "Int8Linear")
-        quant = self.input_quant
-        x2 = _smoothed(quant, x.detach()).reshape(-1, self.in_features)
-        s, z = quant.params(x2)
-        bits = quant.spec.bits
+        quant, x = self.input_quant, x.detach()
         if self.backend == "fbgemm":
-            y = self._fbgemm(x2, s, z)
+            x2 = q8.smoothed(quant, x).reshape(-1, self.in_features)
+            y = self._fbgemm(x2, *quant.params(x2))
         elif self.backend == "onednn":
-            codes = k8.quantize_codes(x2, s, z, bits)
+            codes, s, z = q8.input_codes(quant, x)
             if z.numel() == 1:  # one (s, z): s_x s_w A + b inside the kernel
                 y = k8.onednn_linear(codes, float(s), int(z), self._packs["onednn"], self.w_scale, self.bias)
+            else:  # per-row (s, z): the integer accumulators with one shared z₀, then one fused epilogue pass
+                z0 = int(z.flatten().median())  # the closest shared z₀ keeps |A₀| small (exact in float32)
+                acc = k8.onednn_linear(codes, 1.0, z0, self._packs["onednn"], self._ones, None)
+                y = q8.row_epilogue(acc, s, z - z0, self.colsum, self.w_scale, self.bias)
+        elif self.backend == "int_mm":
+            codes, s, z = q8.input_codes(quant, x, shift=True)  # c − 128 as int8
+            if k8.int_mm_shapes_ok(codes.shape[0], self.in_features, self.out_features):
+                acc, z0 = torch._int_mm(codes, self._wt), 128
             else:
-                z0 = int(z.flatten().median())
-                y = self._per_row_epilogue(k8.onednn_linear(codes, 1.0, z0, self._packs["onednn"], self.w_scale,
-                                                            None), s, z, z0)
+                acc, z0 = k8.int_mm_reference(codes, 0, self.weight), 128
+            y = q8.row_epilogue(acc, s, z - z0, self.colsum, self.w_scale, self.bias)
         else:
-            codes = k8.quantize_codes(x2, s, z, bits)
-            if self.backend == "int_mm":
-                acc = k8.int_mm(codes, z, self._wt, self.colsum)
-            else:
-                acc = k8.int_mm_reference(codes, z, self.weight)
-            y = k8.dequantize_acc(acc, s, self.w_scale, self.bias)
+            codes, s, z = q8.input_codes(quant, x)
+            y = k8.dequantize_acc(k8.int_mm_reference(codes, z, self.weight), s, self.w_scale, self.bias)
         return y.to(x.dtype if x.is_floating_point() else torch.float32).view(*x.shape[:-1], self.out_features)
-
-    def _per_row_epilogue(self, y: torch.Tensor, s: torch.Tensor, z: torch.Tensor, z0: int) -> torch.Tensor:
-        r"""From ``y = s_w A₀``, ``A₀ = Σ_k (c − z₀) W_q`` with one shared ``z₀``, to the output with
-        per-row ``(s, z)``: ``s (y − (z − z₀) s_w Σ_k W_q) + b``, since ``A = A₀ − (z − z₀) Σ_k W_q``."""
-        rows = y.shape[0]
-        s_col = s.reshape(-1, 1).expand(rows, 1)
-        y.mul_(s_col)
-        dz = (z - z0).reshape(-1).expand(rows)
-        if bool((dz != 0).any()):
-            y.addr_(-(s_col.reshape(-1) * dz), self.w_scale * self.colsum.float())
-        return y if self.bias is None else y.add_(self.bias)
 
     def _fbgemm(self, x2: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         top = (1 << self.input_quant.spec.bits) - 1
@@ -176,7 +158,8 @@ class Int8Linear(nn.Module):
         X.add_(z - z0)
         if top < 255:
             X.clamp_(-z0, top - z0)
-        return self._per_row_epilogue(k8.fbgemm_linear(X, z0, self._packs["dynamic"]), s, z, z0)
+        acc = k8.fbgemm_linear(X, z0, self._packs["dynamic"])  # unit weight scales: the accumulators
+        return q8.row_epilogue(acc, s, z - z0, self.colsum, self.w_scale, self.bias)
 
     def forward_requantized(self, x: torch.Tensor, out_scale: float, out_zero: int, bits: int = 8,
                             signed: bool = False) -> torch.Tensor:
@@ -184,9 +167,7 @@ class Int8Linear(nn.Module):
         accumulators (integer fixed-point requantization, :func:`qbayes.kernels.int8.requantize`)."""
         _check_input(x, "Int8Linear")
         quant = self.input_quant
-        x2 = _smoothed(quant, x.detach()).reshape(-1, self.in_features)
-        s, z = quant.params(x2)
-        codes = k8.quantize_codes(x2, s, z, quant.spec.bits)
+        codes, s, z = q8.input_codes(quant, x.detach())
         wt = self._wt if self._wt is not None else self.weight.t().contiguous()
         acc = k8.int_mm(codes, z, wt, self.colsum)
         acc_scale = s.double().reshape(-1, 1) * self.w_scale.double()
@@ -250,11 +231,9 @@ class Int8Conv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, "Int8Conv2d")
         quant = self.input_quant
-        xs = _smoothed(quant, x.detach())
-        s, z = quant.params(xs)
+        codes, s, z = q8.tensor_codes(quant, x.detach())  # the quantizer's c
         zi = int(z)
         geometry = (self.stride, self.padding, self.dilation, self.groups)
-        codes = k8.quantize_codes(xs, s, z, quant.spec.bits)  # the quantizer's c
         if self.backend == "onednn":  # oneDNN works channels-last; a uint8 reorder is the cheapest place for it
             codes = codes.contiguous(memory_format=torch.channels_last)
             y = k8.onednn_conv(codes, float(s), zi, self._pack, self.w_scale, self.bias, *geometry)
