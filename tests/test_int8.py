@@ -56,7 +56,8 @@ def test_int_mm_and_reference_accumulators_are_exact(m, k8_, n8, per_row, extrem
     assert got.dtype == torch.int32 and torch.equal(got.long(), ref)
 
 
-@pytest.mark.skipif(not k8.fbgemm_available(), reason="no fbgemm engine in this torch build")
+@pytest.mark.skipif(not k8.exact("fbgemm"), reason="fbgemm is missing or not exact on this CPU (AVX2 without "
+                    "VNNI saturates u8*s8 pairs in int16), so pick_backend never uses it here")
 @SETTINGS
 @given(m=st.integers(1, 33), k=st.integers(1, 512), n=st.integers(1, 40), extreme=st.booleans(),
        seed=st.integers(0, 10_000))
@@ -69,7 +70,8 @@ def test_fbgemm_accumulators_are_exact(m, k, n, extreme, seed):
     assert torch.equal(y.round().long(), _ref_acc(c, z, w)) and torch.equal(y, y.round())
 
 
-@pytest.mark.skipif(not k8.onednn_available(), reason="no oneDNN int8 GEMM in this torch build")
+@pytest.mark.skipif(not k8.exact("onednn"), reason="oneDNN int8 is missing or not exact on this CPU, so "
+                    "pick_backend never uses it here")
 @SETTINGS
 @given(m=st.integers(1, 33), k=st.integers(1, 512), n=st.integers(1, 40), extreme=st.booleans(),
        seed=st.integers(0, 10_000))
@@ -167,7 +169,8 @@ def _ref_conv_acc(c, z, w, stride, padding, dilation, groups):
     return acc.view(b, out, hout, -1)
 
 
-@pytest.mark.skipif(not k8.onednn_available(), reason="no oneDNN int8 convolution in this torch build")
+@pytest.mark.skipif(not k8.exact("onednn"), reason="oneDNN int8 is missing or not exact on this CPU, so "
+                    "pick_backend never uses it here")
 @SETTINGS
 @given(b=st.integers(1, 3), cg=st.integers(1, 6), og=st.integers(1, 6), groups=st.sampled_from([1, 2, 3]),
        hw=st.integers(3, 9), ks=st.sampled_from([1, 3]), stride=st.integers(1, 2), padding=st.integers(0, 1),

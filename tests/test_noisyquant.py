@@ -31,7 +31,7 @@ def _net():
 def _set_noise(net, points, k=2.0, seed=0):
     for name, q in points.items():
         layer = net.get_submodule(name)
-        channels = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+        channels = layer.in_channels if hasattr(layer, "in_channels") else layer.in_features
         q.noise = noise_for(q, uniform_draw(channels, seed, name), k)
 
 
@@ -274,3 +274,28 @@ def test_qdq_export_keeps_the_noise(tmp_path):
     export_qdq(model, x[:2], path)
     assert check_qdq(path, model, x) < 1e-5
     assert all(c["rule_mismatches"] == 0 for c in compare_codes(path, model, x).values())
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_int8_execution_keeps_the_noise(backend):
+    """to_int8_ on a noisy model equals its fake-quant forward (codes of x + N, N's response removed,
+    zero padding of the convolutions included), and dropping the noise would not."""
+    net = _net()
+    calib = torch.randn(32, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    points = quantize_activations_(net, ActSpec(8), [calib], exclude=(), progress=False)
+    quantize_(net, QuantSpec(8, -1, symmetric=True, scale_dtype="float32"), "rtn", convs=True, exclude=(),
+              progress=False)
+    _set_noise(net, points, k=0.5)
+    from qbayes.nn import to_int8_
+    i8 = copy.deepcopy(net)
+    rep = to_int8_(i8, backend=backend, conv_channels_last=False)
+    assert set(rep["converted"]) == set(points) and not rep["left"]
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = net(x), i8(x)
+        for q in points.values():
+            q.noise = None
+        plain = net(x)
+    scale = float(want.abs().max())
+    assert torch.allclose(got, want, atol=1e-4 * scale)
+    assert float((plain - want).abs().max()) > 100 * float((got - want).abs().max())

@@ -34,13 +34,18 @@ def available() -> bool:
 
 
 def smoothed(quant, x: torch.Tensor) -> torch.Tensor:
-    """What the quantizer quantizes: ``x`` (times SmoothQuant's per-channel factor, if any), float32."""
-    smooth = getattr(quant, "smooth", None)
+    """What the quantizer quantizes, float32: ``x`` times SmoothQuant's per-channel factor, plus
+    NoisyQuant's per-channel noise (each where the quantizer carries one)."""
+    shape = [1] * x.dim()
+    smooth, noise = getattr(quant, "smooth", None), getattr(quant, "noise", None)
     if smooth is not None:
-        shape = [1] * x.dim()
         shape[quant.channel_axis % x.dim()] = smooth.numel()
         x = x * smooth.view(shape).to(x.dtype)
-    return x.float()
+    x = x.float()
+    if noise is not None:  # Q(x + N); the layer removes N W^T after the GEMM (Int8Linear/Int8Conv2d)
+        shape[quant.channel_axis % x.dim()] = noise.numel()
+        x = x + noise.view(shape).float()
+    return x
 
 
 def _fusable(quant, x: torch.Tensor) -> bool:

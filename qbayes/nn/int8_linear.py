@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
 from ..errors import KernelError, QBayesError
@@ -92,8 +93,12 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.to(torch.int8).contiguous())
         self.register_buffer("w_scale", w_scale.float().contiguous())
-        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
         self.input_quant = _check_quant(input_quant, "Int8Linear", conv=False)
+        noise = input_quant.noise
+        if noise is not None:  # NoisyQuant: the kernel quantizes x + N; −N Ŵᵀ joins the bias (exact up to rounding)
+            shift = -(weight.double() * w_scale.double().view(-1, 1)) @ noise.double().cpu()
+            bias = shift if bias is None else bias.double() + shift
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
         self.backend = k8.pick_backend("linear", backend)
         self.register_load_state_dict_post_hook(_repack_after_load)
         self._repack()
@@ -221,7 +226,7 @@ class Int8Conv2d(nn.Module):
                    channels_last_output)
 
     def _repack(self) -> None:
-        self._pack = None
+        self._pack, self._noise_maps = None, {}
         if self.backend == "onednn":
             q = self.input_quant
             sx, zx = (1.0, 0) if q.spec.dynamic else (float(q.scale), int(q.zero))
@@ -242,8 +247,20 @@ class Int8Conv2d(nn.Module):
             y = acc.float() * (s.float() * self.w_scale).view(1, -1, 1, 1)
             if self.bias is not None:
                 y += self.bias.view(1, -1, 1, 1)
+        if quant.noise is not None:  # NoisyQuant: the codes are of x + N; remove N's response (padding included)
+            y -= self._noise_response(codes.shape[-2:])
         y = y.contiguous(memory_format=torch.channels_last if self.channels_last_output else torch.contiguous_format)
         return y.to(x.dtype if x.is_floating_point() else torch.float32)
+
+    def _noise_response(self, size) -> torch.Tensor:
+        """``conv(N, Ŵ)`` for a constant image ``N`` of ``size``, zero-padded as the input is (cached)."""
+        key = tuple(size)
+        if key not in self._noise_maps:
+            n = self.input_quant.noise.double().cpu().view(1, -1, 1, 1).expand(1, self.in_channels, *key)
+            w = self.weight.double() * self.w_scale.double().view(-1, 1, 1, 1)
+            self._noise_maps[key] = F.conv2d(n, w, None, self.stride, self.padding, self.dilation,
+                                             self.groups).float()
+        return self._noise_maps[key]
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

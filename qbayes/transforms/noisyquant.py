@@ -34,8 +34,9 @@ is never worse than none.
 Limits: static integer input quantizers only. Logarithmic formats are refused (they code
 non-negative values, which the noise would make negative) and so are dynamic ranges (no fixed
 ``Δ`` to measure ``K`` in). The QDQ ONNX export adds ``N`` before its ``QuantizeLinear`` and subtracts
-it after the ``DequantizeLinear``; the integer kernels (:func:`qbayes.to_int8_`) do not read the
-noise yet (known gap: convert only models without it).
+it after the ``DequantizeLinear``; the integer kernels (:func:`qbayes.to_int8_`) quantize
+``x + N`` and remove ``N``'s response after the GEMM (folded into a linear's bias; for a
+convolution a cached response map, so zero padding stays exact).
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ from torch.nn import functional as F
 from ..errors import CalibrationError, QBayesError
 from ..nn import QuantConv2d, QuantLinear
 from ..nn.act_quant import ActQuant
+from .sampling import InputSample, sample_inputs
 
 #: noise amplitudes searched, in units of the quantizer's step ``Δ`` (0: no noise)
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
@@ -100,30 +102,6 @@ def _output_map(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     if isinstance(layer, QuantConv2d):
         return lambda d: F.conv2d(d, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
     return lambda d: d @ w.T
-
-
-class _Sample:
-    """Up to about ``rows`` input positions a quantizer reads (every k-th row of a linear's input,
-    whole images of a convolution's), spread over about 8 batches."""
-
-    def __init__(self, rows: int, conv: bool):
-        self.rows, self.conv, self.kept, self.n = rows, conv, [], 0
-
-    def __call__(self, _module, args):
-        if self.n >= self.rows:
-            return
-        x = args[0].detach().float()
-        items = x if self.conv else x.reshape(-1, x.shape[-1])
-        if not items.shape[0]:
-            return
-        per = items[0].numel() // items.shape[1] if self.conv else 1  # positions per image
-        step = max(1, items.shape[0] * per * 8 // self.rows)
-        take = items[::step][: math.ceil((self.rows - self.n) / per)]
-        self.kept.append(take.clone())
-        self.n += take.shape[0] * per
-
-    def sample(self) -> torch.Tensor:
-        return torch.cat(self.kept)
 
 
 def _check(layers: Mapping[str, nn.Module], grid, seed, rows) -> tuple[float, ...]:
@@ -194,14 +172,8 @@ def add_noisy_bias(layers: Mapping[str, nn.Module], run_calibration: Callable[[]
     """
     ks = _check(layers, grid, seed, rows)
     quants = {n: m.input_quant for n, m in layers.items()}
-    samples = {n: _Sample(rows, isinstance(m, (nn.Conv2d, QuantConv2d))) for n, m in layers.items()}
-    handles = [quants[n].register_forward_pre_hook(samples[n]) for n in layers]
-    try:
-        with torch.no_grad():
-            run_calibration()
-    finally:
-        for h in handles:
-            h.remove()
+    samples = sample_inputs(quants, run_calibration,
+                            lambda n, _q: InputSample(rows, conv=isinstance(layers[n], (nn.Conv2d, QuantConv2d))))
     out = {}
     for name, layer in layers.items():
         quant, st = quants[name], samples[name]

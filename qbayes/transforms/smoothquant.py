@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import CalibrationError, QBayesError
 from ..formats import fake_quantize, params_from_range
+from .sampling import InputSample, sample_inputs
 
 #: the migration strengths searched (``None``: leave the layer unsmoothed)
 ALPHAS = (None, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -84,28 +85,6 @@ def search_alpha(x: torch.Tensor, w: torch.Tensor, x_amax: torch.Tensor, act_spe
     return best[1], best[2]
 
 
-class _InputSample:
-    """Per-channel ``max|x|`` over everything a layer reads, and up to ``rows`` of its input rows
-    (every k-th row of each batch, k chosen from the first batch's size)."""
-
-    def __init__(self, rows: int):
-        self.rows, self.amax, self.kept, self.n = rows, None, [], 0
-
-    def __call__(self, _module, args):
-        x = args[0].detach().float()
-        x = x.reshape(-1, x.shape[-1])
-        a = x.abs().amax(0)
-        self.amax = a if self.amax is None else torch.maximum(self.amax, a)
-        if self.n < self.rows:
-            step = max(1, x.shape[0] * 8 // self.rows)  # spread the sample over about 8 batches
-            take = x[::step][: self.rows - self.n]
-            self.kept.append(take.clone())
-            self.n += take.shape[0]
-
-    def sample(self) -> torch.Tensor:
-        return torch.cat(self.kept)
-
-
 def smooth_linears(layers: Mapping[str, nn.Linear], run_calibration: Callable[[], None], act_spec,
                    alpha: float | str = "search", w_bits: int = 8, rows: int = 1024) -> dict[str, dict]:
     """Choose ``s`` for every linear of ``layers`` and scale its weight columns by it, in place.
@@ -121,14 +100,7 @@ def smooth_linears(layers: Mapping[str, nn.Linear], run_calibration: Callable[[]
         if type(layer) is not nn.Linear:
             raise QBayesError(f"SmoothQuant rescales float nn.Linear weights; {name!r} is a "
                               f"{type(layer).__name__} (smooth before quantize_, and convolutions are not smoothed)")
-    samples = {n: _InputSample(rows) for n in layers}
-    handles = [layers[n].register_forward_pre_hook(samples[n]) for n in layers]
-    try:
-        with torch.no_grad():
-            run_calibration()
-    finally:
-        for h in handles:
-            h.remove()
+    samples = sample_inputs(layers, run_calibration, lambda _n, _m: InputSample(rows, amax=True))
     out = {}
     with torch.no_grad():
         for name, layer in layers.items():
