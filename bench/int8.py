@@ -237,9 +237,8 @@ def main() -> None:
     q = next(r for r in head if r["contender"].startswith("qbayes Int8Linear static"))
     fb = next(r for r in head if r["contender"] == "torch ao fbgemm Linear, q→q")
     fb_ff = next(r for r in head if r["contender"] == "torch ao fbgemm Linear, float→float")
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     res = {**_git(), "machine": machine(args.threads), "threads": args.threads, "rounds": args.rounds,
-           "vnni": "avx512_vnni" in flags or "avx_vnni" in flags, "loadavg_before": before,
+           "vnni": k8.cpu_has_vnni(), "loadavg_before": before,
            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
            "backend": {"linear": k8.pick_backend("linear"), "conv": k8.pick_backend("conv")},
            "acceptance": {"qbayes_ms": q["ms"], "fbgemm_ms": fb["ms"], "ratio": fb["ms"] / q["ms"],

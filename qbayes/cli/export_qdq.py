@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 
 from ..errors import QBayesError
+from ..kernels.int8 import cpu_has_vnni
 
+_VNNI_HINT = ("; this CPU has no VNNI, where ONNX Runtime's fused int8 kernels saturate u8*s8 products (an "
+              "ONNX Runtime limitation: check on a VNNI CPU, or run the model with graph optimizations disabled)")
 #: the least agreement ``--check`` accepts: a guard against a broken export (a wrong scale or layout
 #: scores far below), not a bound on tie flips (MiniLM W8A8 with its attention matmuls quantized
 #: measured a 0.9974 mean / 0.9901 minimum sentence cosine between the two runs)
@@ -89,7 +92,8 @@ def export_activation_checkpoint(args, meta: dict, out: Path) -> int:
         print(f"check: ONNX Runtime vs qbayes on {len(inputs)} evaluation images: top-1 agreement {agree:.2%}, "
               f"max relative difference {rel:.2e}")
         if agree < MIN_TOP1_AGREEMENT:
-            raise QBayesError(f"the exported model disagrees with qbayes on {1 - agree:.1%} of the images")
+            raise QBayesError(f"the exported model disagrees with qbayes on {1 - agree:.1%} of the images"
+                              f"{_VNNI_HINT if not cpu_has_vnni() else ''}")
         return 0
     if mask is not None:  # a sentence encoder: what its user compares is the mean-pooled sentence embedding
         from ..eval.embedding import mean_pool
@@ -100,5 +104,6 @@ def export_activation_checkpoint(args, meta: dict, out: Path) -> int:
     print(f"check: ONNX Runtime vs qbayes on {len(feeds['input_ids'])} evaluation sentences: {what} cosine "
           f"mean {float(cos.mean()):.6f}, min {float(cos.min()):.6f}; max relative difference {rel:.2e}")
     if float(cos.min()) < MIN_COSINE:
-        raise QBayesError(f"the exported model disagrees with qbayes ({what} cosine {float(cos.min()):.4f} < {MIN_COSINE})")
+        raise QBayesError(f"the exported model disagrees with qbayes ({what} cosine {float(cos.min()):.4f} < {MIN_COSINE})"
+                          f"{_VNNI_HINT if not cpu_has_vnni() else ''}")
     return 0

@@ -273,6 +273,19 @@ def conv_reference(codes: torch.Tensor, zero, w_q: torch.Tensor, stride, padding
 
 # --------------------------------------------------------------------------- exactness probes
 @functools.lru_cache(maxsize=None)
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has AVX512-VNNI or AVX-VNNI (``/proc/cpuinfo``; False where unreadable):
+    without it, x86 int8 kernels of fbgemm, oneDNN and ONNX Runtime multiply ``u8 × s8`` pairs
+    with int16 saturation (ONNX Runtime's fused QDQ operators included)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+@functools.lru_cache(maxsize=None)
 def exact(backend: str) -> bool:
     """Whether ``backend`` reproduces the integer reference on this CPU, probed once on
     worst-case operands (codes 0/255 against weights ±127/−128, where int16 pair sums saturate)."""
