@@ -10,7 +10,7 @@ from transformers import (BertConfig, BertForSequenceClassification, BertModel, 
 from qbayes import QuantSpec, quantize_
 from qbayes.curvature import collect
 from qbayes.errors import CalibrationError, QBayesError
-from qbayes.models import DecoderAdapter, EncoderAdapter, ModuleAdapter, adapter_for, fashion_cnn
+from qbayes.models import DecoderAdapter, EncoderAdapter, ModuleAdapter, UNetAdapter, adapter_for, fashion_cnn
 from qbayes.nn import QuantLinear
 
 from .conftest import VOCAB, tiny_llama, tiny_opt
@@ -43,6 +43,13 @@ def vit():
 def mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def unet():
+    pytest.importorskip("diffusers")
+    from .test_diffusion_sampling import tiny_unet
+
+    return tiny_unet()
 
 
 def _ids(n=6, t=10, seed=1):
@@ -83,6 +90,8 @@ CASES = {
     "mlp-regression": (mlp, {"likelihood": "regression"},
                        torch.randn(6, 5, generator=G().manual_seed(7)), ModuleAdapter, "regression",
                        lambda m, b: (m(b), None)),
+    "unet": (unet, {}, (torch.randn(6, 1, 8, 8, generator=G().manual_seed(8)), torch.tensor([0, 3, 17, 250, 600, 999])),
+             UNetAdapter, "regression", lambda m, b: (m(b[0], b[1]).sample, None)),
 }
 
 

@@ -32,6 +32,9 @@ ALLOWED = {
     "generate": {"fastdecode", "errors"},
     "export": {"nn", "kernels", "formats", "fastdecode", "errors"},
     "api": {"algorithms", "calibrate", "models", "nn", "formats", "spec", "errors", "transforms"},
+    # diffusion models: schedules, samplers, posterior samplers for inverse problems, and their quantization
+    "diffusion": {"api", "calibrate", "models", "nn", "transforms", "observers", "formats", "spec", "data", "eval",
+                  "errors"},
     "benchmarks": {"algorithms", "kernels", "nn", "formats", "spec", "errors"},
     "cli": None,  # the top: may import anything below it
     "__init__": {"api", "io", "spec", "errors"},
