@@ -7,3 +7,9 @@ from .sampling import (Hook, TimestepRecorder, UNetEps, calibration_batches, ddi
 __all__ = ["EpsModel", "Schedule",
            "Hook", "TimestepRecorder", "UNetEps", "calibration_batches", "ddim_invert", "ddim_sample",
            "ddim_step", "ddpm_sample", "ddpm_step", "eps_model_of", "naive_calibration_batches", "schedule_of"]
+from .gmm import GaussianMixture, random_mixture
+from .operators import Blur, Downsample, Linear, LinearOperator, Mask, Operator, Sign, box_mask, random_mask
+from .posterior import SMCResult, dps, pigdm, reddiff, smc
+
+__all__ += ["GaussianMixture", "random_mixture", "Blur", "Downsample", "Linear", "LinearOperator", "Mask", "Operator",
+            "Sign", "box_mask", "random_mask", "SMCResult", "dps", "pigdm", "reddiff", "smc"]
