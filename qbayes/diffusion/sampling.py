@@ -55,15 +55,20 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, abar_t: float, abar_s: float, 
     ``eta = 0`` it runs either way (``ᾱ_s > ᾱ_t`` denoises, ``ᾱ_s < ᾱ_t`` inverts); ``noise`` is
     the ``z`` of the ``σ_t z`` term (needed when ``eta > 0``)."""
     x0 = (x - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)
-    var = 0.0
-    if eta > 0:
-        var = eta ** 2 * (1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s)
-    out = math.sqrt(abar_s) * x0 + math.sqrt(max(1.0 - abar_s - var, 0.0)) * eps
-    if var > 0:
+    c0, ce, sd = ddim_coefficients(abar_t, abar_s, eta)
+    out = c0 * x0 + ce * eps
+    if sd > 0:
         if noise is None:
             raise QBayesError("ddim_step with eta > 0 needs the noise z of its σ_t·z term")
-        out = out + math.sqrt(var) * noise
+        out = out + sd * noise
     return out
+
+
+def ddim_coefficients(abar_t: float, abar_s: float, eta: float) -> tuple[float, float, float]:
+    """``(√ᾱ_s, √(1−ᾱ_s−σ²), σ)`` of the DDIM(η) move from ``ᾱ_t`` to ``ᾱ_s``:
+    ``x_s = √ᾱ_s x̂_0 + √(1−ᾱ_s−σ²) ε̂ + σ z`` with ``σ² = η² (1−ᾱ_s)/(1−ᾱ_t) (1−ᾱ_t/ᾱ_s)``."""
+    var = eta ** 2 * (1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s) if eta > 0 else 0.0
+    return math.sqrt(abar_s), math.sqrt(max(1.0 - abar_s - var, 0.0)), math.sqrt(max(var, 0.0))
 
 
 def ddpm_step(x: torch.Tensor, eps: torch.Tensor, abar_t: float, abar_prev: float,

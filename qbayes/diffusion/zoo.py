@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointError, QBayesError
-from ..models.vision import WEIGHTS
+from ..models.vision import WEIGHTS, load_checked
 from .schedule import Schedule
 
 FMNIST_DDPM = "fmnist-ddpm"
@@ -83,12 +83,5 @@ def load_fmnist_ddpm(path: str | Path | None = None):
     if path == FMNIST_DDPM_WEIGHTS and config is not None and config != FMNIST_DDPM_CONFIG:
         raise CheckpointError(f"{path} was trained with another UNet config ({config}) than the shipped one; "
                               f"retrain with `{TRAIN_COMMAND}`")
-    unet = build_unet(config)
-    try:
-        missing, unexpected = unet.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a tensor of the wrong shape
-        raise CheckpointError(f"{path} does not fit the UNet config: {e}") from None
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit the UNet config (missing {list(missing)[:3]}, "
-                              f"unexpected {list(unexpected)[:3]})")
-    return unet.eval(), fmnist_schedule(schedule)
+    unet = load_checked(build_unet(config), state, f"{path} does not fit the UNet config")
+    return unet, fmnist_schedule(schedule)

@@ -127,13 +127,16 @@ def load_vision(name: str) -> nn.Module:
         raise CheckpointError(f"{path} is missing: run the script in bench/models/ that makes it")
     from safetensors.torch import load_file
 
-    model = ARCHITECTURES[name]()
-    state = load_file(str(path))
+    return load_checked(ARCHITECTURES[name](), load_file(str(path)), f"{path} does not match the {name} architecture")
+
+
+def load_checked(model: nn.Module, state: dict, mismatch: str) -> nn.Module:
+    """``model`` (eval mode) with ``state`` loaded, or a CheckpointError starting ``mismatch`` when a
+    tensor is missing, unexpected or of the wrong shape."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape
-        raise CheckpointError(f"{path} does not match the {name} architecture: {e}") from None
+        raise CheckpointError(f"{mismatch}: {e}") from None
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not match the {name} architecture (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+        raise CheckpointError(f"{mismatch} (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
     return model.eval()

@@ -20,6 +20,7 @@ import torch
 
 from ...errors import QBayesError
 from ..operators import Operator, check_sigma
+from ..sampling import ddim_coefficients  # noqa: F401  (re-exported for the samplers)
 from ..schedule import EpsModel, Schedule
 
 
@@ -64,12 +65,6 @@ def levels(schedule: Schedule, t: int, stride: int) -> tuple[float, float]:
     """``(ᾱ_t, ᾱ_s)`` for the move from ``t`` to ``s = t − stride`` (``ᾱ_s = 1`` for ``s < 0``)."""
     a = schedule.alphas_cumprod
     return float(a[t]), (float(a[t - stride]) if t - stride >= 0 else 1.0)
-
-
-def ddim_coefficients(a_t: float, a_s: float, eta: float) -> tuple[float, float, float]:
-    """``(√ᾱ_s, √(1−ᾱ_s−σ²), σ)`` of the DDIM(η) move (module docstring)."""
-    var = eta ** 2 * (1 - a_s) / (1 - a_t) * (1 - a_t / a_s) if eta > 0 else 0.0
-    return math.sqrt(a_s), math.sqrt(max(1 - a_s - var, 0.0)), math.sqrt(max(var, 0.0))
 
 
 def tweedie(eps_model: EpsModel, x: torch.Tensor, t: int, a_t: float) -> tuple[torch.Tensor, torch.Tensor]:
