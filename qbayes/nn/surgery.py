@@ -74,8 +74,9 @@ def weight_matrix(layer: nn.Module):
 
 def packed_like(layer: nn.Module, qw, spec) -> nn.Module:
     """The runtime module with packed storage replacing ``layer`` (``QuantLinear``/``QuantConv2d``),
-    keeping the layer's input quantizer if it has one."""
+    keeping the layer's input quantizer and low-rank branch if it has them."""
     from .act_quant import attach_input_quant
+    from .lowrank import attach_lowrank
     from .quant_conv import QuantConv2d
     from .quant_linear import QuantLinear
 
@@ -85,4 +86,6 @@ def packed_like(layer: nn.Module, qw, spec) -> nn.Module:
         new = QuantLinear.from_quantized(qw, spec, layer.bias)
     if hasattr(layer, "input_quant"):  # its activation quantizer moves with it
         attach_input_quant(new, layer.input_quant)
+    if hasattr(layer, "lowrank"):  # and its float low-rank branch (SVDQuant)
+        attach_lowrank(new, layer.lowrank)
     return new
