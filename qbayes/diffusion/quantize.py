@@ -41,7 +41,7 @@ from ..api import quantize_
 from ..errors import QBayesError
 from ..models.unet import UNetAdapter
 from ..nn import QuantConv2d, QuantLinear
-from ..nn.act_quant import ActQuant, quantize_inputs
+from ..nn.act_quant import ActQuant, attach_input_quant
 from ..spec import ActSpec, QuantSpec
 from .sampling import calibration_batches, eps_model_of, naive_calibration_batches
 from .schedule import Schedule
@@ -157,7 +157,6 @@ def quantize_unet_(unet: nn.Module, schedule: Schedule, w_bits: int = 8, a_bits:
         if method == "tdq":
             return TimestepActQuant(aspec(name), clock, T=schedule.T, seed=seed)
         return ActQuant(aspec(name, "minmax" if method == "tfmq" and name in temporal else observer), axis)
-    quantize_inputs(unet, names, ActSpec(8))  # the hooks; each quantizer is replaced below
     mods = dict(unet.named_modules())
     points = {}
     for name in names:
@@ -165,7 +164,7 @@ def quantize_unet_(unet: nn.Module, schedule: Schedule, w_bits: int = 8, a_bits:
         q = make(name, axis)
         if name in splits:
             q = SplitActQuant(q, make(name, axis), splits[name])
-        layer.input_quant = points[name] = q
+        points[name] = attach_input_quant(layer, q)
     with torch.no_grad():
         for b in adapter.batches(calib, batch_size, next(unet.parameters()).device):
             adapter.forward(b)
